@@ -1,0 +1,246 @@
+"""A cohort: N member models that are trained together and combined as wholes.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> cohort = Cohort(lambda: nn.Linear(2, 1), size=3)   # three independently initialised members
+    >>> cohort.average()                                    # every member := the mean member
+    >>> torch.equal(cohort[0].weight, cohort[2].weight)
+    True
+    >>> cohort.forward(torch.ones(4, 2)).shape               # outputs stacked over members
+    torch.Size([3, 4, 1])
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_colearn.functional import arithmetic as F
+
+__all__ = ["Cohort", "MemberSpec"]
+
+#: What a cohort can be built from: a module (copied), a class or factory (called), or a list of modules.
+MemberSpec = nn.Module | Callable[[], nn.Module] | Sequence[nn.Module]
+
+
+class Cohort(nn.Module):
+    """N member modules, addressable by index, with arithmetic on whole members.
+
+    Args:
+        members: one of
+            * a list of modules (may differ in architecture: a heterogeneous cohort);
+            * an ``nn.Module`` instance and ``size``: ``size`` deep copies, all
+              starting from the same weights (colearn's "all start equal");
+            * a class or zero-argument factory and ``size``: ``size`` calls,
+              each member initialised independently.
+        size: number of members when ``members`` is not a list.
+
+    A member's *state* is its parameters **and** buffers, in ``state_dict``
+    order. Arithmetic (:meth:`average`, :meth:`weighted_sum`, :meth:`lerp`,
+    :meth:`broadcast`, :meth:`load_member_state`) writes into the existing
+    tensors in place, under ``torch.no_grad()``: parameters keep their
+    identity, so optimizers never hold stale references. It needs members of
+    the same architecture and otherwise raises
+    :class:`~lightning_colearn.functional.CohortMismatchError` naming the two
+    members and the first tensor that differs.
+    """
+
+    def __init__(self, members: MemberSpec, size: int | None = None) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(_build_members(members, size))
+        _check_no_shared_tensors(self.members)
+
+    # ------------------------------------------------------------ container
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self.members[self._check_index(index)]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.members)
+
+    def forward(self, *args, **kwargs) -> Tensor:
+        """Run every member on the same input and stack the outputs: ``[N, ...]``."""
+        return torch.stack([member(*args, **kwargs) for member in self.members])
+
+    @property
+    def is_homogeneous(self) -> bool:
+        """True when all members have the same tensor names, shapes and dtypes."""
+        try:
+            self.check_compatible()
+        except F.CohortMismatchError:
+            return False
+        return True
+
+    def check_compatible(self, indices: Sequence[int] | None = None) -> None:
+        """Raise ``CohortMismatchError`` unless the members at ``indices`` (default: all) can be combined."""
+        indices = range(len(self)) if indices is None else indices
+        F.check_same_structure({i: self.members[self._check_index(i)].state_dict() for i in indices})
+
+    # ---------------------------------------------------------- member state
+    def member_tensors(self, index: int) -> list[Tensor]:
+        """The live tensors (parameters and buffers, ``state_dict`` order) of member ``index``."""
+        return list(self.members[self._check_index(index)].state_dict(keep_vars=True).values())
+
+    def member_state(self, index: int) -> dict[str, Tensor]:
+        """A detached copy of member ``index``'s parameters and buffers."""
+        return {k: v.detach().clone() for k, v in self.members[self._check_index(index)].state_dict().items()}
+
+    @torch.no_grad()
+    def load_member_state(self, index: int, state: Mapping[str, Tensor], allow_nonfinite: bool = False) -> None:
+        """Copy ``state`` into member ``index`` in place.
+
+        The state must have exactly the member's tensor names, shapes and
+        dtypes, and (unless ``allow_nonfinite``) no NaN/Inf. Everything is
+        checked before anything is written, so a bad state changes nothing.
+        """
+        member = self.members[self._check_index(index)]
+        own = member.state_dict(keep_vars=True)
+        if list(own) != list(state):
+            _raise_keys(index, own, state)
+        for name, tensor in state.items():
+            if tensor.shape != own[name].shape or tensor.dtype != own[name].dtype:
+                raise F.CohortMismatchError(
+                    f"state for member {index} does not fit at {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                    f"member has {tuple(own[name].shape)} {own[name].dtype}"
+                )
+        if not allow_nonfinite and not F.is_finite(list(state.values())):
+            bad = next(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+            raise ValueError(f"state for member {index} has NaN/Inf values in {bad!r}; refusing to load it")
+        F.copy_([list(own.values())], [t.to(o.device) for t, o in zip(state.values(), own.values())])
+
+    # ------------------------------------------------------------ arithmetic
+    @torch.no_grad()
+    def weighted_sum(
+        self,
+        weights: Tensor | Sequence[float],
+        members: Sequence[int] | None = None,
+        into: Sequence[int] | None = None,
+    ) -> None:
+        """Set each member in ``into`` to ``sum_i weights[i] * member[members[i]]`` (no normalisation)."""
+        members, into = self._indices(members), self._indices(into, default=members)
+        self.check_compatible(sorted(set(members) | set(into)))
+        result = F.weighted_sum([self.member_tensors(i) for i in members], weights)
+        F.copy_([self.member_tensors(i) for i in into], result)
+
+    @torch.no_grad()
+    def average(
+        self,
+        weights: Tensor | Sequence[float] | None = None,
+        members: Sequence[int] | None = None,
+        into: Sequence[int] | None = None,
+    ) -> None:
+        """Set each member in ``into`` (default: ``members``) to the weighted mean of ``members`` (default: all).
+
+        Weights (e.g. sample counts) are normalised to sum to one.
+        """
+        members, into = self._indices(members), self._indices(into, default=members)
+        self.check_compatible(sorted(set(members) | set(into)))
+        result = F.weighted_average([self.member_tensors(i) for i in members], weights)
+        F.copy_([self.member_tensors(i) for i in into], result)
+
+    @torch.no_grad()
+    def lerp(self, toward: int, members: Sequence[int] | None = None, alpha: float = 0.5) -> None:
+        """Move each of ``members`` (default: all others) toward member ``toward``.
+
+        ``member <- alpha * member[toward] + (1 - alpha) * member``, floating
+        tensors only, all members in one fused call. A member listed twice
+        would be moved twice, which is rarely meant, so duplicates are refused.
+        """
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        toward = self._check_index(toward)
+        members = [i for i in range(len(self)) if i != toward] if members is None else self._indices(members)
+        if len(set(members)) != len(members):
+            raise ValueError(f"members must be distinct, got {list(members)}")
+        self.check_compatible([toward, *members])
+        F.lerp_([self.member_tensors(i) for i in members if i != toward], self.member_tensors(toward), alpha)
+
+    @torch.no_grad()
+    def broadcast(self, source: int, to: Sequence[int] | None = None) -> None:
+        """Copy member ``source`` into each member of ``to`` (default: every other member)."""
+        source = self._check_index(source)
+        to = [i for i in range(len(self)) if i != source] if to is None else self._indices(to)
+        self.check_compatible([source, *to])
+        F.copy_([self.member_tensors(i) for i in to if i != source], self.member_tensors(source))
+
+    # --------------------------------------------------------------- helpers
+    def _check_index(self, index: int) -> int:
+        if not isinstance(index, int) or isinstance(index, bool) or not -len(self) <= index < len(self):
+            raise IndexError(f"member index must be an int in [0, {len(self) - 1}], got {index!r}")
+        return index % len(self)
+
+    def _indices(self, indices: Sequence[int] | None, default: Sequence[int] | None = None) -> list[int]:
+        if indices is None:
+            indices = range(len(self)) if default is None else default
+        indices = [self._check_index(int(i)) for i in indices]
+        if not indices:
+            raise ValueError("expected at least one member index, got none")
+        return indices
+
+
+def _build_members(members: MemberSpec, size: int | None) -> list[nn.Module]:
+    if isinstance(members, nn.Module):
+        size = _check_size(size, "an nn.Module instance")
+        return [members] + [copy.deepcopy(members) for _ in range(size - 1)]
+    if isinstance(members, Sequence) and not isinstance(members, str):
+        members = list(members)
+        if size is not None and size != len(members):
+            raise ValueError(f"size={size} but {len(members)} members were given; drop size or make them agree")
+        if not members:
+            raise ValueError("a cohort needs at least one member, got an empty list")
+        for i, m in enumerate(members):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"member {i} must be an nn.Module, got {type(m).__name__}")
+        return members
+    if callable(members):
+        size = _check_size(size, "a model class or factory")
+        built = [members() for _ in range(size)]
+        for i, m in enumerate(built):
+            if not isinstance(m, nn.Module):
+                raise TypeError(f"the factory must return an nn.Module, got {type(m).__name__} for member {i}")
+        return built
+    raise TypeError(
+        f"members must be an nn.Module, a class/factory or a list of modules, got {type(members).__name__}"
+    )
+
+
+def _check_size(size: int | None, what: str) -> int:
+    if size is None:
+        raise ValueError(f"size is required when members is {what}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"cohort size must be an int >= 1, got {size!r}")
+    return size
+
+
+def _check_no_shared_tensors(members: Sequence[nn.Module]) -> None:
+    # Two members sharing storage would silently move together (colearn's
+    # leak of rejected proposals came from exactly this), so refuse it.
+    owner: dict[int, tuple[int, str]] = {}
+    for i, member in enumerate(members):
+        for name, tensor in member.state_dict(keep_vars=True).items():
+            if tensor.numel() == 0:
+                continue
+            key = tensor.untyped_storage().data_ptr()
+            if key in owner and owner[key][0] != i:
+                j, other = owner[key]
+                raise ValueError(
+                    f"members {j} and {i} share storage ({other!r} and {name!r}); give each member its own "
+                    "module (Cohort(module, size=N) makes independent copies)"
+                )
+            owner.setdefault(key, (i, name))
+
+
+def _raise_keys(index: int, own: Mapping[str, Tensor], state: Mapping[str, Tensor]) -> None:
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    raise F.CohortMismatchError(
+        f"state for member {index} does not match its tensors: missing {missing[:5]}, unexpected {extra[:5]}"
+    )
