@@ -1,0 +1,5 @@
+"""Vote and consensus criteria on torchmetrics."""
+
+from lightning_colearn.metrics.cohort import CohortMetric, higher_is_better
+
+__all__ = ["CohortMetric", "higher_is_better"]

@@ -1,0 +1,399 @@
+"""CohortModule: a LightningModule that trains every active member of a cohort.
+
+Two ways in:
+
+* a plain ``nn.Module`` (class, factory, instance or list) plus a loss and an
+  optimizer partial: the module computes ``loss(member(x), y)`` per member and
+  logs loss and accuracy per member and for the cohort (mean, best);
+* an existing ``LightningModule`` (class, instance or list), replicated N times:
+  its ``training_step``, ``validation_step``, ``test_step`` and
+  ``configure_optimizers`` are reused unchanged; what it ``self.log``s is
+  logged as ``<name>/member_<i>`` (and ``<name>/mean`` for scalars).
+
+Training uses manual optimization: one optimizer per member inside a single
+:class:`~lightning_colearn.optim.CohortOptimizer`, one backward over the sum
+of the active members' losses (the members share no parameters, so each gets
+exactly its own gradient), per-member gradient clipping, and one Lightning
+step per batch (``max_steps`` counts batches, not member updates).
+
+Callbacks implementing communication rules set :attr:`CohortModule.active_members`
+and use :attr:`CohortModule.cohort` arithmetic between steps.
+
+Example:
+    >>> import lightning as L
+    >>> from functools import partial
+    >>> import torch
+    >>> from lightning_colearn import CohortDataModule, CohortModule
+    >>> from lightning_colearn.models import LogisticRegression
+    >>> _ = L.seed_everything(0, verbose=False)
+    >>> module = CohortModule(LogisticRegression, size=2, optimizer=partial(torch.optim.Adam, lr=1e-3))
+    >>> trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False,
+    ...                     enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    >>> trainer.fit(module, datamodule=CohortDataModule(num_members=2))
+    >>> trainer.global_step, sorted(k for k in trainer.callback_metrics if k.startswith("val_acc"))
+    (3, ['val_acc/best', 'val_acc/mean', 'val_acc/member_0', 'val_acc/member_1'])
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.optim import Optimizer
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_colearn.cohort import Cohort, MemberSpec
+from lightning_colearn.metrics.cohort import CohortMetric
+from lightning_colearn.optim import CohortOptimizer
+
+__all__ = ["CohortModule"]
+
+OptimizerFactory = Callable[[Iterator[nn.Parameter]], Optimizer]
+
+
+class CohortModule(L.LightningModule):
+    """Train a cohort of N members with Lightning.
+
+    Args:
+        model: a :class:`Cohort`, a list of modules, a module instance (copied
+            ``size`` times), or a class/factory (called ``size`` times); modules
+            may be ``LightningModule``s, whose step methods are then reused.
+        size: number of members when ``model`` is not a cohort or list.
+        loss: ``loss(logits, target)`` for plain modules (default: cross-entropy).
+        optimizer: ``optimizer(params) -> Optimizer`` (e.g. ``partial(torch.optim.SGD, lr=0.01)``),
+            one per member. Default for plain modules: Adam, lr 1e-3. For
+            LightningModule members, default: their own ``configure_optimizers``.
+        lr_scheduler: ``lr_scheduler(optimizer) -> LRScheduler``, stepped per epoch, one per member.
+        num_classes: classes for accuracy metrics (default: the members' ``num_classes`` attribute, if any).
+        gradient_clip_val: clip each member's gradient norm to this value separately
+            (Lightning's own ``gradient_clip_val`` would clip the norm over all members at once).
+    """
+
+    def __init__(
+        self,
+        model: MemberSpec | Cohort,
+        size: int | None = None,
+        *,
+        loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+        optimizer: OptimizerFactory | None = None,
+        lr_scheduler: Callable[[Optimizer], Any] | None = None,
+        num_classes: int | None = None,
+        gradient_clip_val: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.cohort = model if isinstance(model, Cohort) else Cohort(model, size)
+        wrapped = [isinstance(m, L.LightningModule) for m in self.cohort]
+        if any(wrapped) and not all(wrapped):
+            raise TypeError("members must be all LightningModules or all plain nn.Modules, not a mix")
+        self.wraps_lightning = all(wrapped)
+        for i, member in enumerate(self.cohort):
+            if self.wraps_lightning and not member.automatic_optimization:
+                raise ValueError(
+                    f"member {i} ({type(member).__name__}) uses manual optimization; CohortModule steps the members "
+                    "itself and needs members whose training_step returns a loss"
+                )
+        if optimizer is None and not self.wraps_lightning:
+            optimizer = partial(torch.optim.Adam, lr=1e-3)
+        if optimizer is not None and not callable(optimizer):
+            raise TypeError(f"optimizer must be a callable params -> Optimizer (e.g. a partial), got {optimizer!r}")
+        if gradient_clip_val is not None and not gradient_clip_val > 0:
+            raise ValueError(f"gradient_clip_val must be > 0 or None, got {gradient_clip_val}")
+        self.loss_fn = loss if loss is not None else F.cross_entropy
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.gradient_clip_val = gradient_clip_val
+        self.num_classes = num_classes if num_classes is not None else _common_attr(self.cohort, "num_classes")
+        self.save_hyperparameters(ignore=["model", "loss", "optimizer", "lr_scheduler"])
+
+        n = len(self.cohort)
+        #: Members trained in the next steps (``None``: all). Set by communication callbacks.
+        self.active_members: list[int] | None = None
+        #: Each member's most recent training loss (NaN before its first step); swarm fitness reads it.
+        self.register_buffer("last_loss", torch.full((n,), math.nan))
+        self._epoch_loss = torch.zeros(n, dtype=torch.float64)
+        self._epoch_steps = torch.zeros(n, dtype=torch.long)
+        self._schedulers: list[dict[str, Any] | None] = []
+        self._pending_scheduler_states: list[Any] | None = None
+        self._stepping: list[int] = []
+        self._member_logs: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        if not self.wraps_lightning:
+            self.val_loss = CohortMetric(MeanMetric(), n, maximize=False)
+            self.test_loss = CohortMetric(MeanMetric(), n, maximize=False)
+            if self.num_classes is not None:
+                acc = MulticlassAccuracy(num_classes=int(self.num_classes), average="micro")
+                self.val_acc = CohortMetric(acc, n)
+                self.test_acc = CohortMetric(acc, n)
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def size(self) -> int:
+        return len(self.cohort)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Every member's output on ``x``, stacked: ``[N, B, ...]``."""
+        return self.cohort(x)
+
+    def member_batch(self, batch: Any, member: int) -> Any:
+        """Member ``member``'s part of ``batch``: ``batch[member]`` for per-member dict batches, else ``batch``."""
+        if isinstance(batch, Mapping) and all(isinstance(k, int) for k in batch):
+            if member not in batch:
+                raise KeyError(f"batch has no entry for member {member} (members in batch: {sorted(batch)})")
+            return batch[member]
+        return batch
+
+    def _active(self) -> list[int]:
+        if self.active_members is None:
+            return list(range(self.size))
+        active = [int(i) for i in self.active_members]
+        for i in active:
+            if not 0 <= i < self.size:
+                raise IndexError(f"active_members holds {i}, but the cohort has members 0..{self.size - 1}")
+        return active
+
+    # --------------------------------------------------------------- training
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        opt = self.optimizers()
+        active = self._active()
+        opt.zero_grad()
+        total, stepped = None, []
+        for i in active:
+            loss = self.member_training_step(i, self.member_batch(batch, i), batch_idx)
+            if loss is None:  # Lightning's convention: a step returning None is skipped
+                continue
+            stepped.append(i)
+            self.last_loss[i] = loss.detach().float()
+            total = loss if total is None else total + loss
+        if total is None:
+            return None
+        self.manual_backward(total)
+        self._stepping = stepped
+        opt.step(members=stepped)
+        self._step_schedulers("step")
+        losses = self.last_loss[stepped].detach().cpu().double()
+        self._epoch_loss[stepped] += losses
+        self._epoch_steps[stepped] += 1
+        self.log("train_loss/mean", losses.mean().float(), prog_bar=True, batch_size=_batch_size(batch))
+        return total.detach()
+
+    def member_training_step(self, member: int, batch: Any, batch_idx: int) -> Tensor | None:
+        """The loss of one member on its batch (override to change what a member optimises)."""
+        module = self.cohort[member]
+        if self.wraps_lightning:
+            out = self._call_member(member, "training_step", batch, batch_idx)
+            if out is None or isinstance(out, Tensor):
+                return out
+            if isinstance(out, Mapping) and "loss" in out:
+                return out["loss"]
+            raise TypeError(f"member {member}'s training_step must return a loss tensor, a dict with 'loss', or None")
+        x, y = batch
+        return self.loss_fn(module(x), y)
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        # Runs after the precision plugin unscaled the gradients (16-mixed),
+        # so the clip threshold applies to true gradient norms.
+        if self.gradient_clip_val is None:
+            return
+        for i in self._stepping:
+            torch.nn.utils.clip_grad_norm_(self.cohort[i].parameters(), self.gradient_clip_val)
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss.zero_()
+        self._epoch_steps.zero_()
+
+    def on_train_epoch_end(self) -> None:
+        trained = (self._epoch_steps > 0).nonzero().flatten().tolist()
+        if trained:
+            means = self._epoch_loss[trained] / self._epoch_steps[trained]
+            self.log_dict({f"train_loss/member_{i}": float(v) for i, v in zip(trained, means)})
+        self._log_member_means("train")
+        self._step_schedulers("epoch")
+
+    # ------------------------------------------------------------- evaluation
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("val", batch, batch_idx)
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate("test", batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _evaluate(self, stage: str, batch: Any, batch_idx: int) -> None:
+        for i in range(self.size):
+            member_batch = self.member_batch(batch, i)
+            if self.wraps_lightning:
+                self._call_member(i, f"{'validation' if stage == 'val' else 'test'}_step", member_batch, batch_idx)
+                continue
+            x, y = member_batch
+            logits = self.cohort[i](x)
+            getattr(self, f"{stage}_loss").update(i, self.loss_fn(logits, y), weight=len(y))
+            if self.num_classes is not None:
+                getattr(self, f"{stage}_acc").update(i, logits, y)
+
+    def _log_eval(self, stage: str) -> None:
+        if self.wraps_lightning:
+            self._log_member_means(stage)
+            return
+        names = ["loss"] + (["acc"] if self.num_classes is not None else [])
+        for name in names:
+            metric: CohortMetric = getattr(self, f"{stage}_{name}")
+            if not metric.updated():
+                continue
+            values = metric.compute()
+            _, best = metric.best(values)
+            logged = {f"{stage}_{name}/member_{i}": values[i] for i in range(self.size)}
+            logged[f"{stage}_{name}/best"] = best
+            self.log_dict(logged)
+            self.log(f"{stage}_{name}/mean", values.mean(), prog_bar=True)
+            metric.reset()
+
+    # ------------------------------------------------------ wrapped modules
+    def setup(self, stage: str) -> None:
+        if self.wraps_lightning:
+            for member in self.cohort:
+                member.trainer = self.trainer  # so member code may read self.trainer / self.current_epoch
+
+    def teardown(self, stage: str) -> None:
+        if self.wraps_lightning:
+            for member in self.cohort:
+                member.trainer = None
+
+    def _call_member(self, member: int, hook: str, *args: Any) -> Any:
+        with self._member_logging(member, hook):
+            return getattr(self.cohort[member], hook)(*args)
+
+    @contextmanager
+    def _member_logging(self, member: int, hook: str):
+        # A wrapped module's self.log(name, ...) becomes our self.log("name/member_i", ...);
+        # scalars are also kept to log the cohort mean at epoch end.
+        module = self.cohort[member]
+        stage = {"training_step": "train", "validation_step": "val", "test_step": "test"}[hook]
+
+        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            self.log(f"{name}/member_{member}", value, *args, **kwargs)
+            if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1):
+                self._member_logs[f"{stage}|{name}"][member].append(float(value))
+
+        module.log = log
+        try:
+            yield
+        finally:
+            del module.log
+
+    def _log_member_means(self, stage: str) -> None:
+        for key in [k for k in self._member_logs if k.startswith(f"{stage}|")]:
+            per_member = self._member_logs.pop(key)
+            means = [sum(v) / len(v) for v in per_member.values() if v]
+            if means:
+                self.log(f"{key.split('|', 1)[1]}/mean", sum(means) / len(means))
+
+    # ------------------------------------------------------------- optimizers
+    def configure_optimizers(self) -> CohortOptimizer:
+        optimizers, schedulers = [], []
+        for i, member in enumerate(self.cohort):
+            if self.optimizer_factory is not None:
+                opt = self.optimizer_factory(member.parameters())
+                sched = None if self.lr_scheduler_factory is None else _scheduler_config(self.lr_scheduler_factory(opt), i)
+            else:
+                opt, sched = _parse_member_optimizers(member.configure_optimizers(), i)
+            if not isinstance(opt, Optimizer):
+                raise TypeError(f"the optimizer for member {i} must be a torch.optim.Optimizer, got {type(opt).__name__}")
+            optimizers.append(opt)
+            schedulers.append(sched)
+        self._schedulers = schedulers
+        if self._pending_scheduler_states is not None:
+            self._load_scheduler_states(self._pending_scheduler_states)
+            self._pending_scheduler_states = None
+        return CohortOptimizer(optimizers)
+
+    def _step_schedulers(self, interval: str) -> None:
+        counter = self.trainer.global_step if interval == "step" else self.current_epoch + 1
+        for i, config in enumerate(self._schedulers):
+            if config is None or config["interval"] != interval or counter % config["frequency"]:
+                continue
+            scheduler = config["scheduler"]
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                key = f"{config['monitor']}/member_{i}"
+                if key not in self.trainer.callback_metrics:
+                    raise KeyError(f"ReduceLROnPlateau of member {i} monitors {key!r}, which was not logged")
+                scheduler.step(self.trainer.callback_metrics[key])
+            else:
+                scheduler.step()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["cohort_lr_schedulers"] = [None if c is None else c["scheduler"].state_dict() for c in self._schedulers]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("cohort_lr_schedulers")
+        if states is None:
+            return
+        if self._schedulers:
+            self._load_scheduler_states(states)
+        else:  # optimizers are configured after the checkpoint's modules are restored
+            self._pending_scheduler_states = states
+
+    def _load_scheduler_states(self, states: list[Any]) -> None:
+        if len(states) != len(self._schedulers):
+            raise ValueError(f"checkpoint holds {len(states)} member lr schedulers, this cohort has {len(self._schedulers)}")
+        for i, (config, state) in enumerate(zip(self._schedulers, states)):
+            if (config is None) != (state is None):
+                raise ValueError(f"member {i}: checkpoint and module disagree on whether it has an lr scheduler")
+            if config is not None:
+                config["scheduler"].load_state_dict(state)
+
+
+def _common_attr(cohort: Cohort, name: str) -> Any:
+    values = {getattr(m, name, None) for m in cohort}
+    return values.pop() if len(values) == 1 else None
+
+
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, Mapping):
+        batch = next(iter(batch.values()))
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return len(batch[0])
+    return None
+
+
+def _scheduler_config(scheduler: Any, member: int) -> dict[str, Any]:
+    config = dict(scheduler) if isinstance(scheduler, Mapping) else {"scheduler": scheduler}
+    if "scheduler" not in config:
+        raise ValueError(f"member {member}'s lr scheduler config needs a 'scheduler' key, got {sorted(config)}")
+    config.setdefault("interval", "epoch")
+    config.setdefault("frequency", 1)
+    config.setdefault("monitor", "val_loss")
+    if config["interval"] not in ("step", "epoch"):
+        raise ValueError(f"member {member}'s lr scheduler interval must be 'step' or 'epoch', got {config['interval']!r}")
+    return config
+
+
+def _parse_member_optimizers(conf: Any, member: int) -> tuple[Optimizer, dict[str, Any] | None]:
+    """Accept what Lightning's ``configure_optimizers`` may return, with exactly one optimizer."""
+    if isinstance(conf, Optimizer):
+        return conf, None
+    if isinstance(conf, Mapping):
+        sched = conf.get("lr_scheduler")
+        return conf["optimizer"], None if sched is None else _scheduler_config(sched, member)
+    if isinstance(conf, (list, tuple)) and len(conf) == 2 and isinstance(conf[0], (list, tuple)):
+        opts, scheds = list(conf[0]), list(conf[1])
+        if len(opts) == 1 and len(scheds) <= 1:
+            return opts[0], _scheduler_config(scheds[0], member) if scheds else None
+    if isinstance(conf, (list, tuple)) and len(conf) == 1:
+        return _parse_member_optimizers(conf[0], member)
+    raise ValueError(
+        f"member {member}'s configure_optimizers must return one optimizer (optionally with one lr scheduler); "
+        f"got {type(conf).__name__}{' of length ' + str(len(conf)) if isinstance(conf, (list, tuple)) else ''}"
+    )
