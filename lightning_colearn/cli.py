@@ -1,0 +1,204 @@
+"""The ``colearn`` command: Hydra composes a run from ``conf/``, :func:`train` runs it.
+
+``train(cfg)`` is plain Python (tests and notebooks call it with a composed
+config); :func:`main` is the thin ``@hydra.main`` entry point. This is the
+only module that imports Hydra.
+
+Examples::
+
+    colearn                                             # 4 MLPs on the embedded MNIST sample
+    colearn experiment=baseline                         # the PyTorch logistic-regression tutorial
+    colearn cohort.size=8 model=convnet trainer.precision=bf16-mixed
+    colearn -m seed=0,1,2 model=logistic_regression,mlp
+    colearn hydra.run.dir=outputs/my_run ckpt_path=last # resume that run from its last checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from lightning_colearn.data.datasets import DatasetNotFoundError
+
+__all__ = ["ConfigError", "main", "train", "validate_config"]
+
+ALGORITHMS = ("independent", "swarm", "mutual", "voting", "fedavg", "pofl")
+
+
+class ConfigError(ValueError):
+    """A config value is not allowed; the message names the field, the value and what is allowed."""
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check the fields the run depends on before anything is built or trained."""
+    _int_field(cfg, "seed", 0)
+    _int_field(cfg, "cohort.size", 1)
+    name = OmegaConf.select(cfg, "algorithm.name")
+    if name not in ALGORITHMS:
+        raise ConfigError(f"algorithm.name must be one of {list(ALGORITHMS)}, got {name!r}")
+    for key in ("max_epochs", "max_steps"):
+        value = OmegaConf.select(cfg, f"trainer.{key}")
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1)):
+            raise ConfigError(f"trainer.{key} must be an int >= 1 (or -1 for no limit), got {value!r}")
+    lr = OmegaConf.select(cfg, "optimizer.lr")
+    if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or not math.isfinite(lr)):
+        raise ConfigError(f"optimizer.lr must be a finite number > 0, got {lr!r}")
+    ckpt = cfg.get("ckpt_path")
+    if ckpt not in (None, "last") and not Path(str(ckpt)).is_file():
+        raise ConfigError(f"ckpt_path must be null, 'last' or an existing checkpoint file, got {ckpt!r}")
+
+
+def _int_field(cfg: DictConfig, key: str, minimum: int) -> int:
+    value = OmegaConf.select(cfg, key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
+    """Instantiate the datamodule and the algorithm's module from a composed config."""
+    size = cfg.cohort.size
+    datamodule = _instantiate(cfg.data, "data", num_members=size)
+    try:  # partition now, so a partition that cannot be made fails before training
+        datamodule.prepare_data()
+        datamodule.setup("fit")
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    model = _instantiate(cfg.model, "model")
+    optimizer = _instantiate(cfg.optimizer, "optimizer")
+    try:  # build one optimizer on a dummy tensor so torch validates every hyperparameter now
+        optimizer([torch.zeros(1, requires_grad=True)])
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"optimizer: {err}") from err
+    module = _instantiate(cfg.algorithm.module, "algorithm.module", model=model, size=size, optimizer=optimizer)
+    return module, datamodule
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Run one experiment; writes config, metrics, checkpoints and plots under ``cfg.paths.output_dir``.
+
+    Returns the final test metrics (what a sweeper optimises).
+    """
+    validate_config(cfg)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module, datamodule = build(cfg)
+    callbacks = [_instantiate(c, f"algorithm.callbacks.{k}") for k, c in (cfg.algorithm.get("callbacks") or {}).items()]
+    callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0))
+    logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
+    trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, default_root_dir=str(out))
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    results: dict[str, float] = {}
+    if cfg.get("test", True):
+        for metrics in trainer.test(module, datamodule=datamodule, verbose=False):
+            results.update({k: float(v) for k, v in metrics.items()})
+    (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
+    plots = _plots(cfg, trainer, module, datamodule, out) if cfg.get("plots", True) and trainer.is_global_zero else []
+    if trainer.is_global_zero:
+        _report(out, results, plots, _metrics_csv(trainer))
+    return results
+
+
+def _plots(cfg: DictConfig, trainer: L.Trainer, module, datamodule, out: Path) -> list[Path]:
+    from lightning_colearn import plots  # matplotlib only when plots are asked for
+
+    made = []
+    metrics_csv = _metrics_csv(trainer)
+    if metrics_csv is not None and metrics_csv.is_file():
+        for metric in ("val_acc", "val_loss"):
+            try:
+                made.append(plots.plot_member_curves(metrics_csv, out / "plots" / f"{metric}.png", metric))
+            except ValueError:  # that metric was not logged (e.g. no classes)
+                pass
+    made.extend(_prediction_grid(module, datamodule, out, plots))
+    return made
+
+
+def _metrics_csv(trainer: L.Trainer) -> Path | None:
+    log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
+    return Path(log_dir) / "metrics.csv" if log_dir else None
+
+
+def _prediction_grid(module, datamodule, out: Path, plots) -> list[Path]:
+    if not hasattr(datamodule, "test_set") or not hasattr(module, "cohort"):
+        return []
+    images, labels = datamodule.test_set[:32]
+    module.eval()
+    with torch.no_grad():
+        device = next(module.parameters()).device
+        logits = module.cohort[0](images.to(device))
+    if logits.ndim != 2:
+        return []
+    grid = out / "plots" / "predictions.png"
+    title = "member 0 on test digits (true label in brackets when wrong)"
+    return [plots.plot_predictions(images, labels, logits.argmax(1).cpu(), grid, title=title)]
+
+
+def _report(out: Path, results: dict[str, float], plots: list[Path], metrics_csv: Path | None) -> None:
+    summary = ", ".join(f"{k}={v:.4f}" for k, v in sorted(results.items()) if k.endswith(("/mean", "/best")))
+    print(f"\nresults: {out.resolve()}")
+    if summary:
+        print(f"  test: {summary}")
+    print(f"  config: {out.resolve() / 'config.yaml'}")
+    if metrics_csv is not None:
+        print(f"  metrics: {metrics_csv.resolve()}")
+    for p in plots:
+        print(f"  plot: {p.resolve()}")
+
+
+def _instantiate(node: Any, field: str, **kwargs: Any) -> Any:
+    # Constructors validate their arguments; their ValueError/TypeError is a
+    # config mistake, reported under the config field that caused it.
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        raise ConfigError(_named(field, err.__cause__ or err)) from err
+    except (ValueError, TypeError, MisconfigurationException) as err:
+        raise ConfigError(_named(field, err)) from err
+
+
+def _named(field: str, err: BaseException) -> str:
+    message = str(err)
+    return message if message.startswith(f"{field.split('.')[0]}.") else f"{field}: {message}"
+
+
+# Errors a user can cause from the command line: shown as one line, not a traceback.
+_USER_ERRORS = (ConfigError, DatasetNotFoundError)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://lightning_colearn.conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        results = train(cfg)
+    except _USER_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"colearn: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    metric = cfg.get("optimized_metric")
+    return results.get(metric) if metric else None
+
+
+def main() -> None:
+    """Console entry point (``colearn``)."""
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

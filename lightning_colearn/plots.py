@@ -1,0 +1,113 @@
+"""Plots as PNG files: member curves from a metrics CSV, and digit grids with predictions.
+
+The only module that imports matplotlib, and only inside the functions
+(with the non-interactive Agg backend unless a notebook chose one), so
+importing the package stays fast and works without a display.
+
+Example:
+    >>> import tempfile, torch
+    >>> from pathlib import Path
+    >>> out = Path(tempfile.mkdtemp()) / "grid.png"
+    >>> plot_predictions(torch.zeros(4, 1, 28, 28), torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 4]), out).exists()
+    True
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from torch import Tensor
+
+__all__ = ["plot_member_curves", "plot_predictions", "read_metrics_csv"]
+
+
+def _pyplot():
+    import matplotlib
+
+    if "MPLBACKEND" not in os.environ and not _in_notebook():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _in_notebook() -> bool:
+    try:
+        from IPython import get_ipython  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+
+def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """Read Lightning's ``CSVLogger`` file into ``{metric: [(epoch, value), ...]}`` (empty cells skipped)."""
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            epoch = int(float(row.get("epoch") or 0))
+            for key, value in row.items():
+                if key in ("epoch", "step") or value in ("", None):
+                    continue
+                series[key].append((epoch, float(value)))
+    return dict(series)
+
+
+def plot_member_curves(
+    metrics_csv: str | os.PathLike, out: str | os.PathLike, metric: str = "val_acc", title: str | None = None
+):
+    """Plot ``<metric>/member_<i>`` for every member and the cohort mean over epochs; returns ``out``."""
+    series = read_metrics_csv(metrics_csv)
+    members = sorted(
+        (int(m.group(1)), k) for k in series if (m := re.fullmatch(rf"{re.escape(metric)}/member_(\d+)", k))
+    )
+    if not members:
+        raise ValueError(f"{metrics_csv} has no '{metric}/member_<i>' columns (has: {sorted(series)[:8]})")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, key in members:
+        epochs, values = zip(*series[key])
+        ax.plot([e + 1 for e in epochs], values, alpha=0.6, lw=1, label=f"member {i}" if len(members) <= 12 else None)
+    if f"{metric}/mean" in series and len(members) > 1:
+        epochs, values = zip(*series[f"{metric}/mean"])
+        ax.plot([e + 1 for e in epochs], values, color="black", lw=2, label="mean")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(title or f"{metric} per member")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_predictions(images: Tensor, labels: Tensor, preds: Tensor, out: str | os.PathLike, title: str | None = None):
+    """A grid of digits titled with the predicted label (red where wrong); returns ``out``."""
+    plt = _pyplot()
+    n = len(images)
+    cols = min(8, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= n:
+            continue
+        ax.imshow(images[k].detach().float().cpu().squeeze(0), cmap="gray")
+        right = int(preds[k]) == int(labels[k])
+        ax.set_title(f"{int(preds[k])}" + ("" if right else f" ({int(labels[k])})"), color="green" if right else "red", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _save(fig, out: str | os.PathLike) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    _pyplot().close(fig)
+    return out
