@@ -285,7 +285,7 @@ class CohortModule(L.LightningModule):
         def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
             self.log(f"{name}/member_{member}", value, *args, **kwargs)
             if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1):
-                self._member_logs[f"{stage}|{name}"][member].append(float(value))
+                self._member_logs[f"{stage}|{name}"][member].append(float(value.detach() if isinstance(value, Tensor) else value))
 
         module.log = log
         try:

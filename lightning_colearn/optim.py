@@ -29,8 +29,8 @@ __all__ = ["CohortOptimizer"]
 class CohortOptimizer(Optimizer):
     """Steps, zeroes and (de)serialises a list of member optimizers as one.
 
-    ``param_groups`` are the members' own group dicts (changing a learning
-    rate here changes the member's), ``state`` is a merged read-only view of
+    ``param_groups`` are the members' own group dicts, live (changing a
+    learning rate here changes the member's), ``state`` is a merged read-only view of
     the members' states, and ``step(members=[...])`` steps a subset only.
     Numerically each member is exactly its own optimizer: nothing is shared.
     """
@@ -43,9 +43,22 @@ class CohortOptimizer(Optimizer):
             if not isinstance(opt, Optimizer):
                 raise TypeError(f"member {i}'s optimizer must be a torch.optim.Optimizer, got {type(opt).__name__}")
         self.optimizers = optimizers
-        # Optimizer.__init__ registers the members' group dicts (shared, not
-        # copied) and refuses a parameter that two members' groups both hold.
+        # Optimizer.__init__ validates the members' groups and refuses a
+        # parameter that two members hold; afterwards param_groups is a live
+        # view, because a member's load_state_dict replaces its group dicts.
+        self._live = False
         super().__init__([group for opt in optimizers for group in opt.param_groups], defaults={})
+        self._live = True
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        if getattr(self, "_live", False):
+            return [group for opt in self.optimizers for group in opt.param_groups]
+        return self._init_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._init_groups = value
 
     @property  # type: ignore[override]
     def state(self) -> dict[torch.Tensor, Any]:
