@@ -138,7 +138,9 @@ def _metrics_csv(trainer: L.Trainer) -> Path | None:
 def _prediction_grid(module, datamodule, out: Path, plots) -> list[Path]:
     if not hasattr(datamodule, "test_set") or not hasattr(module, "cohort"):
         return []
-    images, labels = datamodule.test_set[:32]
+    # evenly spaced over the test set, so every class shows (the embedded test split is sorted by label)
+    index = torch.linspace(0, len(datamodule.test_set) - 1, 32).long().tolist()
+    images, labels = datamodule.test_set.__getitems__(index)
     module.eval()
     with torch.no_grad():
         device = next(module.parameters()).device
