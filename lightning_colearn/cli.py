@@ -121,9 +121,11 @@ def _plots(cfg: DictConfig, trainer: L.Trainer, module, datamodule, out: Path) -
     made = []
     metrics_csv = _metrics_csv(trainer)
     if metrics_csv is not None and metrics_csv.is_file():
+        # a resumed run logs into the next version_<n>: plot all of them, oldest first
+        history = sorted(metrics_csv.parent.parent.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name[8:]))
         for metric in ("val_acc", "val_loss"):
             try:
-                made.append(plots.plot_member_curves(metrics_csv, out / "plots" / f"{metric}.png", metric))
+                made.append(plots.plot_member_curves(history or [metrics_csv], out / "plots" / f"{metric}.png", metric))
             except ValueError:  # that metric was not logged (e.g. no classes)
                 pass
     made.extend(_prediction_grid(module, datamodule, out, plots))

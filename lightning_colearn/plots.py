@@ -59,10 +59,20 @@ def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[tuple[int, float
 
 
 def plot_member_curves(
-    metrics_csv: str | os.PathLike, out: str | os.PathLike, metric: str = "val_acc", title: str | None = None
+    metrics_csv: str | os.PathLike | list[str | os.PathLike],
+    out: str | os.PathLike,
+    metric: str = "val_acc",
+    title: str | None = None,
 ):
-    """Plot ``<metric>/member_<i>`` for every member and the cohort mean over epochs; returns ``out``."""
-    series = read_metrics_csv(metrics_csv)
+    """Plot ``<metric>/member_<i>`` for every member and the cohort mean over epochs; returns ``out``.
+
+    ``metrics_csv`` may be a list of files (a run and its resumptions), read in order.
+    """
+    files = metrics_csv if isinstance(metrics_csv, list) else [metrics_csv]
+    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for path in files:
+        for key, points in read_metrics_csv(path).items():
+            series[key].extend(points)
     members = sorted(
         (int(m.group(1)), k) for k in series if (m := re.fullmatch(rf"{re.escape(metric)}/member_(\d+)", k))
     )
@@ -77,6 +87,7 @@ def plot_member_curves(
         epochs, values = zip(*series[f"{metric}/mean"])
         ax.plot([e + 1 for e in epochs], values, color="black", lw=2, label="mean")
     ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} per member")
     ax.grid(alpha=0.3)
