@@ -103,7 +103,7 @@ class Cohort(nn.Module):
         """
         member = self.members[self._check_index(index)]
         own = member.state_dict(keep_vars=True)
-        if list(own) != list(state):
+        if set(own) != set(state):  # any key order (safetensors returns keys sorted)
             _raise_keys(index, own, state)
         for name, tensor in state.items():
             if tensor.shape != own[name].shape or tensor.dtype != own[name].dtype:
@@ -114,7 +114,7 @@ class Cohort(nn.Module):
         if not allow_nonfinite and not F.is_finite(list(state.values())):
             bad = next(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
             raise ValueError(f"state for member {index} has NaN/Inf values in {bad!r}; refusing to load it")
-        F.copy_([list(own.values())], [t.to(o.device) for t, o in zip(state.values(), own.values())])
+        F.copy_([list(own.values())], [state[name].to(tensor.device) for name, tensor in own.items()])
 
     # ------------------------------------------------------------ arithmetic
     @torch.no_grad()

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -100,8 +101,15 @@ class CohortOptimizer(Optimizer):
             raise ValueError(
                 f"optimizer state holds {len(members)} members but this cohort has {len(self.optimizers)}"
             )
-        for opt, member_state in zip(self.optimizers, members):
-            opt.load_state_dict(member_state)
+        # All or nothing: if member k's state does not fit, members 0..k-1 are restored.
+        backups = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        for k, (opt, member_state) in enumerate(zip(self.optimizers, members)):
+            try:
+                opt.load_state_dict(member_state)
+            except (ValueError, KeyError, TypeError, RuntimeError) as err:
+                for done, backup in zip(self.optimizers[:k], backups):
+                    done.load_state_dict(backup)
+                raise ValueError(f"optimizer state of member {k} does not fit its optimizer: {err}") from err
 
     def __repr__(self) -> str:
         return f"CohortOptimizer({len(self.optimizers)} x {type(self.optimizers[0]).__name__})"

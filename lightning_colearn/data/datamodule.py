@@ -194,6 +194,14 @@ class CohortDataModule(L.LightningDataModule):
         batch = self.batch_size if split == "train" else self.eval_batch_size
         return self._loader(self.train_set, indices, batch, shuffle=shuffle, seed=self.seed * 7919 + member + 1)
 
+    def holdout_dataloader(self) -> DataLoader:
+        """The union of all members' vote splits, in order: held-out data every member is judged on alike."""
+        self._check_setup()
+        union = np.sort(np.concatenate([m["vote"] for m in self._members]))  # type: ignore[union-attr]
+        if len(union) == 0:
+            raise ValueError("no held-out data: data.splits gives the vote split 0; use e.g. splits=[0.8, 0.1, 0.1]")
+        return self._loader(self.train_set, union, self.eval_batch_size, shuffle=False, seed=0)
+
     def vote_dataloader(self, member: int) -> DataLoader:
         """Member ``member``'s own held-out vote split (judges other members' proposals)."""
         return self.member_dataloader(member, "vote")

@@ -120,8 +120,8 @@ def split_member(
 ) -> list[np.ndarray]:
     """Shuffle one member's indices and cut them into parts of the given fractions (e.g. train/vote/test).
 
-    Every non-zero fraction gets at least one sample when the member has
-    enough; rounding leftovers go to the first part (train).
+    Sizes are rounded by largest remainder; every non-zero fraction gets at
+    least one sample when the member has enough.
 
     Example:
         >>> import numpy as np
@@ -133,9 +133,17 @@ def split_member(
         raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
     indices = np.random.default_rng(seed).permutation(np.asarray(indices))
     n = len(indices)
-    sizes = [int(np.floor(f * n)) for f in fractions]
-    for i, f in enumerate(fractions[1:], start=1):
-        if f > 0 and sizes[i] == 0 and n - sum(sizes) > 1:
-            sizes[i] = 1
-    sizes[0] = n - sum(sizes[1:])
+    # Largest-remainder rounding (exact fractions are never lost to float
+    # error), then every non-zero fraction gets at least one sample, taken
+    # from the largest part, while the member has enough samples.
+    exact = np.asarray(fractions) * n
+    sizes = np.floor(exact + 1e-9).astype(int)
+    for i in np.argsort(-(exact - sizes), kind="stable")[: n - int(sizes.sum())]:
+        sizes[i] += 1
+    wanted = [i for i, f in enumerate(fractions) if f > 0]
+    if n >= len(wanted):
+        for i in wanted:
+            if sizes[i] == 0:
+                sizes[int(np.argmax(sizes))] -= 1
+                sizes[i] = 1
     return [np.sort(p) for p in np.split(indices, np.cumsum(sizes)[:-1])]

@@ -1,0 +1,297 @@
+"""The ``colearn`` Hydra CLI: every shipped config runs, the baseline learns, resume is exact, errors are one line.
+
+In-process tests compose the real configs with Hydra's compose API and call
+:func:`lightning_colearn.cli.train`; the command-line tests run the installed
+``colearn`` script in subprocesses (started in the background, see :func:`_colearn_jobs`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+import lightning_colearn.conf
+from lightning_colearn.cli import train
+from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST, default_root
+from lightning_colearn.plots import read_metrics_csv
+
+CONF = Path(lightning_colearn.conf.__file__).resolve().parent  # the repository's conf/ (shipped as the package)
+COLEARN = Path(sys.executable).with_name("colearn")
+FASHION_MNIST_FILE = DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz"
+# A few small batches per run: the keys of trainer=debug, added (++) where the trainer config lacks them.
+FEW_BATCHES = [
+    "trainer.max_epochs=1",
+    "++trainer.limit_train_batches=3",
+    "++trainer.limit_val_batches=1",
+    "++trainer.limit_test_batches=1",
+    "trainer.enable_progress_bar=false",
+    "data.batch_size=32",
+    "data.eval_batch_size=100",
+]
+
+
+def _mnist_on_disk() -> bool:
+    """Full MNIST where conf/data/mnist.yaml (root: null) looks first: IDX files in the root or its MNIST/raw."""
+    root = default_root()
+    return any((folder / name).is_file() for folder in (root, root / "MNIST" / "raw")
+               for name in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """These runs are tiny; two intra-op threads on a busy 2-core machine make them several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def make_cfg(tmp_path, monkeypatch):
+    """``make_cfg(*overrides, out=dir)``: the real config composed as ``colearn`` would, output in ``out``."""
+    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
+    GlobalHydra.instance().clear()
+
+    def _make(*overrides: str, out: Path | None = None) -> DictConfig:
+        out = out or tmp_path / "out"
+        with initialize_config_module(config_module="lightning_colearn.conf", version_base="1.3"):
+            return compose(
+                config_name="config",
+                overrides=[f"paths.output_dir={out}", "trainer.enable_progress_bar=false", *overrides],
+            )
+
+    yield _make
+    GlobalHydra.instance().clear()
+
+
+# ------------------------------------------------------------------ every config file on disk
+def _config_files() -> list:
+    params = []
+    for path in sorted(CONF.glob("*/*.yaml")):
+        group, name = path.parent.name, path.stem
+        marks = []
+        if (group, name) == ("data", "mnist"):
+            marks.append(pytest.mark.skipif(not _mnist_on_disk(), reason=f"full MNIST not under {default_root()} (needs internet)"))
+        if (group, name) == ("data", "fashion_mnist"):
+            marks.append(pytest.mark.skipif(not FASHION_MNIST_FILE.is_file(), reason=f"{FASHION_MNIST_FILE} missing"))
+        params.append(pytest.param(group, name, marks=marks, id=f"{group}={name}"))
+    return params
+
+
+def test_every_config_group_is_found():
+    groups = {p.parent.name for p in CONF.glob("*/*.yaml")}
+    assert {"algorithm", "cohort", "model", "optimizer", "data", "trainer", "logger", "experiment"} <= groups
+
+
+@pytest.mark.parametrize("group,name", _config_files())
+def test_config_file_composes_and_trains(make_cfg, tmp_path, group, name):
+    overrides = [f"{group}={name}", "trainer=debug", *FEW_BATCHES, "plots=false"]
+    if group == "trainer":
+        overrides.remove("trainer=debug")
+    if (group, name) == ("data", "fashion_mnist"):
+        overrides.append("data.max_train_samples=2000")
+    cfg = make_cfg(*overrides)
+    results = train(cfg)
+
+    out = tmp_path / "out"
+    assert 0.0 <= results["test_acc/mean"] <= 1.0
+    assert math.isfinite(results["test_loss/mean"])
+    assert json.loads((out / "results.json").read_text()) == pytest.approx(results)
+    saved = OmegaConf.load(out / "config.yaml")
+    assert OmegaConf.to_container(saved) == OmegaConf.to_container(cfg, resolve=True)
+    # the group's file was really applied (keys the overrides above did not touch)
+    own = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{name}.yaml"), resolve=False)
+    if group != "experiment":  # (experiment files are @package _global_)
+        touched = {o.lstrip("+").split("=")[0] for o in overrides}
+        for key, value in own.items():
+            if key != "defaults" and f"{group}.{key}" not in touched and "${" not in str(value):
+                assert OmegaConf.to_container(saved[group])[key] == value, f"{group}.{key}"
+    metrics_csv = out / "logs" / "version_0" / "metrics.csv"
+    if saved.get("logger"):
+        assert "val_acc/mean" in read_metrics_csv(metrics_csv)
+    else:
+        assert not (out / "logs").exists()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+
+
+# --------------------------------------------------------------------------------- baseline
+@pytest.mark.slow
+def test_baseline_experiment_learns_mnist(make_cfg, tmp_path):
+    cfg = make_cfg("experiment=baseline", "seed=0")
+    assert (cfg.cohort.size, cfg.optimizer.lr, cfg.data.batch_size, cfg.trainer.max_epochs) == (1, 1e-3, 128, 10)
+    assert cfg.model._target_.endswith("LogisticRegression")
+    results = train(cfg)
+
+    out = tmp_path / "out"
+    assert results["test_acc/mean"] >= 0.85, results
+    assert not any("member_1" in k for k in results)  # one member
+    for plot in ("predictions.png", "val_acc.png"):
+        assert (out / "plots" / plot).stat().st_size > 1000, plot
+    val_acc = read_metrics_csv(out / "logs" / "version_0" / "metrics.csv")["val_acc/member_0"]
+    assert [epoch for epoch, _ in val_acc] == list(range(10))
+    assert val_acc[-1][1] > val_acc[0][1]  # it learns from epoch to epoch
+
+
+def test_bf16_mixed_on_cpu(make_cfg, tmp_path):
+    cfg = make_cfg("trainer=debug", "trainer.precision=bf16-mixed", "trainer.accelerator=cpu", "plots=false")
+    results = train(cfg)
+    assert math.isfinite(results["test_loss/mean"])
+    assert 0.0 <= results["test_acc/mean"] <= 1.0
+    assert OmegaConf.load(tmp_path / "out" / "config.yaml").trainer.precision == "bf16-mixed"
+
+
+# ----------------------------------------------------------------------------------- resume
+def _tensors(obj, prefix="") -> dict:
+    """Every tensor in a nested checkpoint entry, by path, as exact (dtype, shape, values) for ``==``."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: (obj.dtype, tuple(obj.shape), obj.flatten().tolist())}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {k: v for key, value in items for k, v in _tensors(value, f"{prefix}/{key}").items()}
+
+
+@pytest.mark.slow
+def test_resume_from_last_checkpoint_matches_uninterrupted_run(make_cfg, tmp_path):
+    small = ["cohort.size=2", "model=logistic_regression", "trainer=debug", "++trainer.limit_train_batches=5",
+             "test=false", "plots=false"]
+    resumed, straight = tmp_path / "resumed", tmp_path / "straight"
+    train(make_cfg(*small, "trainer.max_epochs=2", out=resumed))
+    first_half = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert first_half["global_step"] == 10
+    train(make_cfg(*small, "trainer.max_epochs=4", "ckpt_path=last", out=resumed))
+    train(make_cfg(*small, "trainer.max_epochs=4", out=straight))
+
+    a = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    b = torch.load(straight / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert (a["epoch"], a["global_step"]) == (b["epoch"], b["global_step"])
+    assert a["global_step"] == 20
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert any(k.startswith("cohort.") and k.endswith("weight") for k in a["state_dict"])
+    differing = [k for k in a["state_dict"] if not torch.equal(a["state_dict"][k], b["state_dict"][k])]
+    assert differing == []
+    assert _tensors(a["optimizer_states"]) and _tensors(a["optimizer_states"]) == _tensors(b["optimizer_states"])
+    # the weights moved after the resume (the second call did train epochs 2 and 3)
+    assert any(not torch.equal(first_half["state_dict"][k], a["state_dict"][k]) for k in a["state_dict"])
+    # the resumed part logs to the next version, the interrupted part's metrics are kept
+    epochs = [e for e, _ in read_metrics_csv(resumed / "logs" / "version_1" / "metrics.csv")["val_acc/mean"]]
+    assert epochs == [2, 3]
+    assert (resumed / "logs" / "version_0" / "metrics.csv").is_file()
+
+
+# ----------------------------------------------------------------------- the colearn command
+ERROR_CASES = {  # id: (overrides, field named in the message, bad value shown in it)
+    "cohort_size": (["cohort.size=0"], "cohort.size", "0"),
+    "negative_lr": (["optimizer.lr=-0.1"], "optimizer.lr", "-0.1"),
+    "unknown_model": (["model=nonexistent"], "model", "nonexistent"),
+    "bad_partition": (["data.partition=bogus"], "data.partition", "bogus"),
+    # download=false: the outcome must not depend on whether this machine has internet
+    "missing_data": (["data=mnist", "data.root={tmp}/nope", "data.download=false"], "data.root", "{tmp}/nope"),
+    "zero_epochs": (["trainer.max_epochs=0"], "trainer.max_epochs", "0"),
+    "zero_batch": (["data.batch_size=0"], "data.batch_size", "0"),
+    "missing_ckpt": (["ckpt_path={tmp}/missing.ckpt"], "ckpt_path", "{tmp}/missing.ckpt"),
+}
+CLI_JOBS = {
+    **{case: [*overrides, "trainer=debug", "hydra.run.dir={tmp}/run"] for case, (overrides, _, _) in ERROR_CASES.items()},
+    "multirun": ["-m", "seed=0,1", "model=logistic_regression,mlp", "trainer=debug", "plots=false",
+                 "hydra.sweep.dir={tmp}/multi"],
+    "default_run": ["trainer=debug", "hydra.run.dir={tmp}/run"],
+}
+
+
+def _colearn(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["OMP_NUM_THREADS"] = "1"  # several run at once
+    return subprocess.run([str(COLEARN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _colearn_jobs(request, tmp_path_factory):
+    """Start the ``colearn`` subprocesses of the selected tests when this module starts.
+
+    Most of each one is importing torch, so they run in the background, two at a
+    time, while the in-process tests above run.
+    """
+    wanted = set()
+    for item in request.session.items:  # the tests selected in this session (-k, node ids)
+        callspec = getattr(item, "callspec", None)
+        if getattr(item, "module", None) is request.module and callspec is not None and "cli_job" in callspec.params:
+            wanted.add(callspec.params["cli_job"])
+    jobs = {}
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for name in sorted(wanted):
+            tmp = tmp_path_factory.mktemp(name)
+            args = [a.format(tmp=tmp) for a in CLI_JOBS[name]]
+            jobs[name] = (tmp, pool.submit(_colearn, args, tmp))
+        yield jobs
+        for _, future in jobs.values():
+            future.cancel()
+
+
+@pytest.fixture
+def cli_run(_colearn_jobs, cli_job) -> tuple[Path, subprocess.CompletedProcess]:
+    """``(cwd, completed process)`` of the ``colearn`` job named by the test's ``cli_job`` parameter."""
+    tmp, future = _colearn_jobs[cli_job]
+    return tmp, future.result()
+
+
+def test_colearn_script_is_installed():
+    assert COLEARN.is_file(), f"{COLEARN} missing: pip install -e ."
+
+
+@pytest.mark.parametrize("cli_job", list(ERROR_CASES))
+def test_bad_override_exits_with_a_one_line_error(cli_run, cli_job):
+    tmp, proc = cli_run
+    output = proc.stdout + proc.stderr
+    _, field, value = ERROR_CASES[cli_job]
+    value = value.format(tmp=tmp)
+    assert proc.returncode != 0, output
+    assert "Traceback" not in output, output
+    assert field in output, output
+    assert re.search(rf"(?<![\w.-]){re.escape(value)}(?![\w.])", output), output
+    assert "results:" not in proc.stdout
+    assert not (tmp / "run" / "results.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli_job", ["multirun"])
+def test_multirun_sweeps_seeds_and_models(cli_run):
+    tmp, proc = cli_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    multi = tmp / "multi"
+    assert sorted(p.name for p in multi.iterdir() if p.is_dir()) == ["0", "1", "2", "3"]
+    combos = set()
+    for job in range(4):
+        results = json.loads((multi / str(job) / "results.json").read_text())
+        assert 0.0 <= results["test_acc/mean"] <= 1.0
+        cfg = OmegaConf.load(multi / str(job) / "config.yaml")
+        assert Path(cfg.paths.output_dir).resolve() == (multi / str(job)).resolve()
+        combos.add((cfg.seed, cfg.model._target_.rsplit(".", 1)[1]))
+    assert combos == {(s, m) for s in (0, 1) for m in ("LogisticRegression", "MLP")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli_job", ["default_run"])
+def test_default_run_reports_results(cli_run):
+    tmp, proc = cli_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = (tmp / "run").resolve()
+    assert "results:" in proc.stdout
+    assert str(run) in proc.stdout
+    results = json.loads((run / "results.json").read_text())
+    assert f"test_acc/mean={results['test_acc/mean']:.4f}" in proc.stdout
+    cfg = OmegaConf.load(run / "config.yaml")
+    assert (cfg.cohort.size, cfg.model._target_) == (4, "lightning_colearn.models.MLP")  # the documented default
+    assert (run / "logs" / "version_0" / "metrics.csv").is_file()
+    assert (run / "plots" / "predictions.png").is_file()
+    assert not (tmp / "outputs").exists()  # hydra.run.dir was honoured
