@@ -1,10 +1,11 @@
 """lightning-colearn: collective learning for PyTorch Lightning."""
 
+from lightning_colearn.callbacks import ParticleSwarm
 from lightning_colearn.cohort import Cohort
 from lightning_colearn.data import CohortDataModule
 from lightning_colearn.functional import CohortMismatchError
 from lightning_colearn.module import CohortModule
 from lightning_colearn.optim import CohortOptimizer
 
-__all__ = ["Cohort", "CohortDataModule", "CohortMismatchError", "CohortModule", "CohortOptimizer"]
+__all__ = ["Cohort", "CohortDataModule", "CohortMismatchError", "CohortModule", "CohortOptimizer", "ParticleSwarm"]
 __version__ = "0.1.0"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-__all__ = ["plot_member_curves", "plot_predictions", "read_metrics_csv"]
+__all__ = ["log_figure", "plot_member_curves", "plot_predictions", "plot_swarm", "read_metrics_csv"]
 
 
 def _pyplot():
@@ -122,3 +122,43 @@ def _save(fig, out: str | os.PathLike) -> Path:
     fig.savefig(out, dpi=110)
     _pyplot().close(fig)
     return out
+
+
+def plot_swarm(
+    curves: list[tuple[int, list[float]]],
+    moves: list[dict],
+    out: str | os.PathLike,
+    ylabel: str = "val_acc",
+    title: str = "members over steps (swarm moves dashed)",
+):
+    """Member curves over optimizer steps with every swarm move marked; returns ``out``.
+
+    ``curves`` is ``[(step, [value per member]), ...]``; ``moves`` the
+    callback's history (``step`` and ``best`` of each move).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if curves:
+        steps = [s for s, _ in curves]
+        n = len(curves[0][1])
+        for i in range(n):
+            ax.plot(steps, [v[i] for _, v in curves], lw=1, alpha=0.7, marker=".", label=f"member {i}" if n <= 12 else None)
+    for k, m in enumerate(moves):
+        ax.axvline(m["step"], color="gray", ls="--", lw=0.6, alpha=0.6, label="swarm move" if k == 0 else None)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def log_figure(trainer, name: str, path: str | os.PathLike) -> None:
+    """Send a saved PNG to every logger of ``trainer`` that takes images (TensorBoard, W&B, ...)."""
+    for logger in getattr(trainer, "loggers", []):
+        if hasattr(logger, "log_image"):  # WandbLogger, NeptuneLogger, ...
+            logger.log_image(key=name, images=[str(path)], step=trainer.global_step)
+        elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoardLogger
+            image = _pyplot().imread(str(path))[..., :3]
+            logger.experiment.add_image(name, image, trainer.global_step, dataformats="HWC")
