@@ -97,7 +97,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
-    callbacks = [_instantiate(c, f"algorithm.callbacks.{k}") for k, c in (cfg.algorithm.get("callbacks") or {}).items()]
+    callbacks = []
+    for name, node in (cfg.algorithm.get("callbacks") or {}).items():
+        callback = _instantiate(node, f"algorithm.callbacks.{name}")
+        if hasattr(callback, "check_module"):  # fail before training, with the config field named
+            try:
+                callback.check_module(module)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"algorithm.callbacks.{name}: {err}") from err
+        callbacks.append(callback)
     callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0))
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, default_root_dir=str(out))

@@ -37,7 +37,9 @@ def convert(csv_gz: Path, out: Path = OUT, test_per_class: int = 100, seed: int 
     test = np.concatenate(
         [rng.permutation(np.flatnonzero(labels == c))[:test_per_class] for c in range(10)]
     )
-    test.sort()
+    # Shuffled (seeded), so any prefix of the test split, e.g. one evaluation
+    # batch, holds every class.
+    test = rng.permutation(test)
     train = np.setdiff1d(np.arange(len(labels)), test)
     np.savez_compressed(
         out,

@@ -134,6 +134,10 @@ class ParticleSwarm(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check_module(pl_module)
+
+    def check_module(self, pl_module: L.LightningModule) -> None:
+        """Raise a clear error unless this swarm can run on ``pl_module`` (called at ``setup``, and by the CLI before training)."""
         if not isinstance(pl_module, CohortModule):
             raise TypeError(f"ParticleSwarm needs a CohortModule, got {type(pl_module).__name__}")
         size = pl_module.size
