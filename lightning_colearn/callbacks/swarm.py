@@ -268,7 +268,9 @@ class ParticleSwarm(Callback):
             self.curves.append((trainer.global_step, [float(trainer.callback_metrics[k]) for k in keys]))
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
-        if not trainer.is_global_zero or not trainer.log_dir:
+        # Without a logger, log_dir falls back to the working directory: write nothing there
+        # (history and curves stay on the callback; write_history() saves them on demand).
+        if not trainer.is_global_zero or not trainer.loggers or not trainer.log_dir:
             return
         out = Path(trainer.log_dir)
         if self.history:
