@@ -137,6 +137,8 @@ def _plots(cfg: DictConfig, trainer: L.Trainer, module, datamodule, out: Path) -
             except ValueError:  # that metric was not logged (e.g. no classes)
                 pass
     made.extend(_prediction_grid(module, datamodule, out, plots))
+    if metrics_csv is not None:  # plots the algorithm's callbacks saved in the log dir (e.g. swarm.png)
+        made.extend(sorted(metrics_csv.parent.glob("*.png")))
     return made
 
 

@@ -47,14 +47,18 @@ def _in_notebook() -> bool:
 
 def read_metrics_csv(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
     """Read Lightning's ``CSVLogger`` file into ``{metric: [(epoch, value), ...]}`` (empty cells skipped)."""
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    return {k: [(e, v) for e, _, v in points] for k, points in _read_csv(path).items()}
+
+
+def _read_csv(path: str | os.PathLike) -> dict[str, list[tuple[int, int, float]]]:
+    series: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
-            epoch = int(float(row.get("epoch") or 0))
+            epoch, step = int(float(row.get("epoch") or 0)), int(float(row.get("step") or 0))
             for key, value in row.items():
                 if key in ("epoch", "step") or value in ("", None):
                     continue
-                series[key].append((epoch, float(value)))
+                series[key].append((epoch, step, float(value)))
     return dict(series)
 
 
@@ -64,29 +68,35 @@ def plot_member_curves(
     metric: str = "val_acc",
     title: str | None = None,
 ):
-    """Plot ``<metric>/member_<i>`` for every member and the cohort mean over epochs; returns ``out``.
+    """Plot ``<metric>/member_<i>`` for every member and the cohort mean; returns ``out``.
 
-    ``metrics_csv`` may be a list of files (a run and its resumptions), read in order.
+    The x axis is the epoch, or the optimizer step when the metric was logged
+    more than once per epoch (``val_check_interval``). ``metrics_csv`` may be
+    a list of files (a run and its resumptions), read in order.
     """
     files = metrics_csv if isinstance(metrics_csv, list) else [metrics_csv]
-    series: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    series: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
     for path in files:
-        for key, points in read_metrics_csv(path).items():
+        for key, points in _read_csv(path).items():
             series[key].extend(points)
     members = sorted(
         (int(m.group(1)), k) for k in series if (m := re.fullmatch(rf"{re.escape(metric)}/member_(\d+)", k))
     )
     if not members:
-        raise ValueError(f"{metrics_csv} has no '{metric}/member_<i>' columns (has: {sorted(series)[:8]})")
+        raise ValueError(f"{files[-1]} has no '{metric}/member_<i>' columns (has: {sorted(series)[:8]})")
+    first = series[members[0][1]]
+    by_step = len({e for e, _, _ in first}) < len(first)
+
+    def xy(points):
+        return [s if by_step else e + 1 for e, s, _ in points], [v for _, _, v in points]
+
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, key in members:
-        epochs, values = zip(*series[key])
-        ax.plot([e + 1 for e in epochs], values, alpha=0.6, lw=1, label=f"member {i}" if len(members) <= 12 else None)
+        ax.plot(*xy(series[key]), alpha=0.6, lw=1, label=f"member {i}" if len(members) <= 12 else None)
     if f"{metric}/mean" in series and len(members) > 1:
-        epochs, values = zip(*series[f"{metric}/mean"])
-        ax.plot([e + 1 for e in epochs], values, color="black", lw=2, label="mean")
-    ax.set_xlabel("epoch")
+        ax.plot(*xy(series[f"{metric}/mean"]), color="black", lw=2, label="mean")
+    ax.set_xlabel("optimizer step" if by_step else "epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel(metric)
     ax.set_title(title or f"{metric} per member")
