@@ -177,11 +177,10 @@ class ParticleSwarm(Callback):
         }
         self.history.append(record)
         self.move_seconds.append(time.perf_counter() - start)
-        pl_module.log_dict(
-            {"swarm/best_member": float(best), "swarm/best_fitness": float(fitness[chosen.tolist().index(best)])},
-            on_step=True,
-            on_epoch=False,
-        )
+        logged = {"swarm/best_member": float(best), "swarm/best_fitness": float(fitness[chosen.tolist().index(best)])}
+        logged.update({f"swarm/fitness/member_{int(m)}": float(f) for m, f in zip(chosen, fitness)})
+        logged["swarm/moved"] = float(len(times))
+        pl_module.log_dict(logged, on_step=True, on_epoch=False)
         return record
 
     def fitness(self, trainer: L.Trainer, pl_module: CohortModule, chosen: Tensor) -> Tensor:

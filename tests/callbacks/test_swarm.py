@@ -296,3 +296,27 @@ def test_nytorch_example_on_mnist_small_reaches_090_and_lifts_the_worst_member()
     # sample has 3,600 training digits, so the same budget is ~4.5 passes over less data.
     assert max(swarm) >= 0.88
     assert min(swarm) > min(plain)
+
+
+def test_each_move_is_logged_and_the_plot_reaches_image_loggers(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    class ImageLogger(CSVLogger):
+        images = []
+
+        def log_image(self, key, images, step=None):
+            self.images.append((key, images, step))
+
+    swarm = ParticleSwarm(every_n_steps=2, n_particles=3)
+    logger = ImageLogger(tmp_path, name="", version="")
+    trainer = make_trainer(max_steps=2, logger=logger, callbacks=[swarm], log_every_n_steps=1)
+    trainer.fit(CohortModule(LogisticRegression, size=3), datamodule=CohortDataModule(num_members=3, batch_size=16))
+    record = swarm.history[0]
+    from lightning_colearn.plots import read_metrics_csv
+
+    logged = read_metrics_csv(tmp_path / "metrics.csv")
+    assert logged["swarm/best_member"][0][1] == record["best"]
+    for member, fitness in zip(record["chosen"], record["fitness"]):
+        assert logged[f"swarm/fitness/member_{member}"][0][1] == pytest.approx(fitness)
+    assert logged["swarm/moved"][0][1] == len(record["moved"])
+    assert [key for key, _, _ in ImageLogger.images] == ["swarm"]
