@@ -5,7 +5,8 @@ from lightning_colearn.cohort import Cohort
 from lightning_colearn.data import CohortDataModule
 from lightning_colearn.functional import CohortMismatchError
 from lightning_colearn.module import CohortModule
+from lightning_colearn.mutual import MutualLearning
 from lightning_colearn.optim import CohortOptimizer
 
-__all__ = ["Cohort", "CohortDataModule", "CohortMismatchError", "CohortModule", "CohortOptimizer", "ParticleSwarm"]
+__all__ = ["Cohort", "CohortDataModule", "CohortMismatchError", "CohortModule", "CohortOptimizer", "MutualLearning", "ParticleSwarm"]
 __version__ = "0.1.0"

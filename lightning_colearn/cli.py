@@ -71,19 +71,30 @@ def _int_field(cfg: DictConfig, key: str, minimum: int) -> int:
 def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
     """Instantiate the datamodule and the algorithm's module from a composed config."""
     size = cfg.cohort.size
-    datamodule = _instantiate(cfg.data, "data", num_members=size)
+    members = cfg.cohort.get("members")
+    if members is not None and len(members) != size:
+        raise ConfigError(f"cohort.size is {size} but cohort.members lists {len(members)} models; make them agree")
+    stream = cfg.algorithm.get("data_stream")  # an algorithm may need one shared batch stream
+    extra = {"stream": stream} if stream else {}
+    datamodule = _instantiate(cfg.data, "data", num_members=size, **extra)
     try:  # partition now, so a partition that cannot be made fails before training
         datamodule.prepare_data()
         datamodule.setup("fit")
     except ValueError as err:
         raise ConfigError(str(err)) from err
-    model = _instantiate(cfg.model, "model")
+    if members is not None:  # a heterogeneous cohort: one model config per member
+        model = [_instantiate(m, f"cohort.members[{i}]") for i, m in enumerate(members)]
+    else:
+        model = _instantiate(cfg.model, "model")
     optimizer = _instantiate(cfg.optimizer, "optimizer")
     try:  # build one optimizer on a dummy tensor so torch validates every hyperparameter now
         optimizer([torch.zeros(1, requires_grad=True)])
     except (ValueError, TypeError) as err:
         raise ConfigError(f"optimizer: {err}") from err
-    module = _instantiate(cfg.algorithm.module, "algorithm.module", model=model, size=size, optimizer=optimizer)
+    # the members go in positionally: CohortModule(model, ...) and MutualLearning(students, ...)
+    module = _instantiate(
+        cfg.algorithm.module, "algorithm.module", model, size=None if members is not None else size, optimizer=optimizer
+    )
     return module, datamodule
 
 
@@ -176,11 +187,11 @@ def _report(out: Path, results: dict[str, float], plots: list[Path], metrics_csv
         print(f"  plot: {p.resolve()}")
 
 
-def _instantiate(node: Any, field: str, **kwargs: Any) -> Any:
+def _instantiate(node: Any, field: str, *args: Any, **kwargs: Any) -> Any:
     # Constructors validate their arguments; their ValueError/TypeError is a
     # config mistake, reported under the config field that caused it.
     try:
-        return instantiate(node, **kwargs)
+        return instantiate(node, *args, **kwargs)
     except InstantiationException as err:
         raise ConfigError(_named(field, err.__cause__ or err)) from err
     except (ValueError, TypeError, MisconfigurationException) as err:

@@ -70,7 +70,7 @@ class CohortModule(L.LightningModule):
         size: number of members when ``model`` is not a cohort or list.
         loss: ``loss(logits, target)`` for plain modules (default: cross-entropy).
         optimizer: ``optimizer(params) -> Optimizer`` (e.g. ``partial(torch.optim.SGD, lr=0.01)``),
-            one per member. Default for plain modules: Adam, lr 1e-3. For
+            called once per member, or a list with one such callable per member. Default for plain modules: Adam, lr 1e-3. For
             LightningModule members, default: their own ``configure_optimizers``.
         lr_scheduler: ``lr_scheduler(optimizer) -> LRScheduler``, stepped per epoch, one per member.
         num_classes: classes for accuracy metrics (default: the members' ``num_classes`` attribute, if any).
@@ -104,7 +104,10 @@ class CohortModule(L.LightningModule):
                 )
         if optimizer is None and not self.wraps_lightning:
             optimizer = partial(torch.optim.Adam, lr=1e-3)
-        if optimizer is not None and not callable(optimizer):
+        if isinstance(optimizer, (list, tuple)):
+            if len(optimizer) != len(self.cohort) or not all(callable(o) for o in optimizer):
+                raise TypeError(f"optimizer as a list needs one callable per member ({len(self.cohort)}), got {optimizer!r}")
+        elif optimizer is not None and not callable(optimizer):
             raise TypeError(f"optimizer must be a callable params -> Optimizer (e.g. a partial), got {optimizer!r}")
         if gradient_clip_val is not None and not gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val must be > 0 or None, got {gradient_clip_val}")
@@ -113,7 +116,8 @@ class CohortModule(L.LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.gradient_clip_val = gradient_clip_val
         self.num_classes = num_classes if num_classes is not None else _common_attr(self.cohort, "num_classes")
-        self.save_hyperparameters(ignore=["model", "loss", "optimizer", "lr_scheduler"])
+        # modules and callables stay out of hparams (a checkpoint must load with weights_only=True)
+        self.save_hyperparameters(ignore=["model", "students", "loss", "optimizer", "lr_scheduler"])
 
         n = len(self.cohort)
         #: Members trained in the next steps (``None``: all). Set by communication callbacks.
@@ -305,7 +309,8 @@ class CohortModule(L.LightningModule):
         optimizers, schedulers = [], []
         for i, member in enumerate(self.cohort):
             if self.optimizer_factory is not None:
-                opt = self.optimizer_factory(member.parameters())
+                factory = self.optimizer_factory
+                opt = (factory[i] if isinstance(factory, (list, tuple)) else factory)(member.parameters())
                 sched = None if self.lr_scheduler_factory is None else _scheduler_config(self.lr_scheduler_factory(opt), i)
             else:
                 opt, sched = _parse_member_optimizers(member.configure_optimizers(), i)

@@ -23,7 +23,14 @@ from pathlib import Path
 
 from torch import Tensor
 
-__all__ = ["log_figure", "plot_member_curves", "plot_predictions", "plot_swarm", "read_metrics_csv"]
+__all__ = [
+    "log_figure",
+    "plot_member_curves",
+    "plot_predictions",
+    "plot_student_losses",
+    "plot_swarm",
+    "read_metrics_csv",
+]
 
 
 def _pyplot():
@@ -160,6 +167,23 @@ def plot_swarm(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_student_losses(history: list[tuple[int, list[float]]], out: str | os.PathLike, labels: list[str] | None = None):
+    """Each student's mean training loss per epoch (``history`` from ``MutualLearning.loss_history``)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [e + 1 for e, _ in history]
+    for i in range(len(history[0][1]) if history else 0):
+        ax.plot(epochs, [v[i] for _, v in history], marker=".", label=labels[i] if labels else f"student {i}")
+    ax.set_xlabel("epoch")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("training loss (CE + mimicry)")
+    ax.set_title("deep mutual learning: loss per student")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
 
