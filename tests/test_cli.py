@@ -23,7 +23,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_colearn.conf
-from lightning_colearn.cli import train
+from lightning_colearn.cli import ConfigError, train
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST, default_root
 from lightning_colearn.plots import read_metrics_csv
 
@@ -297,3 +297,16 @@ def test_default_run_reports_results(cli_run):
     assert (run / "logs" / "version_0" / "metrics.csv").is_file()
     assert (run / "plots" / "predictions.png").is_file()
     assert not (tmp / "outputs").exists()  # hydra.run.dir was honoured
+
+
+def test_mutual_learning_on_the_heterogeneous_cohort(make_cfg, tmp_path):
+    cfg = make_cfg("algorithm=mutual", "cohort=heterogeneous_3", "trainer=debug", *FEW_BATCHES, "plots=false")
+    results = train(cfg)
+    assert {"test_acc/ensemble", "test_acc/member_2"} <= set(results)
+    state = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert "cohort.members.0.conv1.weight" in state and "cohort.members.2.fc1.weight" in state  # ConvNet, ConvNet, MLP
+
+
+def test_heterogeneous_cohort_size_must_match_members(make_cfg):
+    with pytest.raises(ConfigError, match="cohort.size is 2 but cohort.members lists 3"):
+        train(make_cfg("cohort=heterogeneous_3", "cohort.size=2", "trainer=debug"))
