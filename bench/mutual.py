@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from functools import partial
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 
+from common import FitTimer, plain_loop  # bench/common.py (scripts run from bench/)
 from lightning_colearn import CohortDataModule, CohortModule, MutualLearning
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST
 from lightning_colearn.models import MLP, ConvNet
@@ -34,14 +32,6 @@ BATCH, LR = 32, 0.01
 
 def students():
     return [ConvNet(), ConvNet(), MLP()]
-
-
-class FitTimer(Callback):
-    def on_train_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        self.seconds = time.perf_counter() - self.start
 
 
 def fit(cls, dm, epochs: int, seed: int):
@@ -57,21 +47,9 @@ def fit(cls, dm, epochs: int, seed: int):
     return accs, timer.seconds, trainer.global_step
 
 
-def plain_loop(dm, steps: int, seed: int) -> float:
+def run_plain(dm, steps: int, seed: int) -> float:
     torch.manual_seed(seed)
-    models = students()
-    optimizers = [torch.optim.SGD(m.parameters(), lr=LR) for m in models]
-    done, start = 0, time.perf_counter()
-    while done < steps:
-        for x, y in dm.train_dataloader():
-            for model, opt in zip(models, optimizers):
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-            done += 1
-            if done == steps:
-                break
-    return time.perf_counter() - start
+    return plain_loop(students(), dm, steps, LR)
 
 
 def main() -> None:
@@ -96,7 +74,7 @@ def main() -> None:
             accs, seconds, steps = fit(MutualLearning, dm, args.epochs, seed)
             results["DML"].append(accs)
             rates.append(3 * BATCH * steps / seconds)
-            plain_rates.append(3 * BATCH * steps / plain_loop(dm, steps, seed))
+            plain_rates.append(3 * BATCH * steps / run_plain(dm, steps, seed))
             results["independent"].append(fit(CohortModule, dm, args.epochs, seed)[0])
         ours, plain = statistics.median(rates), statistics.median(plain_rates)
         for label, runs in results.items():

@@ -20,29 +20,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from functools import partial
 
 import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback
 
+from common import FitTimer, plain_loop  # bench/common.py (scripts run from bench/)
 from lightning_colearn import CohortDataModule, CohortModule, ParticleSwarm
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST
 from lightning_colearn.models import ConvNet
 
 SIZE, BATCH, LR = 12, 64, 0.01
-
-
-class FitTimer(Callback):
-    """Wall time of the training loop only (no setup, no test)."""
-
-    def on_train_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        self.seconds = time.perf_counter() - self.start
 
 
 def datamodule(dataset: str) -> CohortDataModule:
@@ -69,22 +57,8 @@ def run_ours(dm: CohortDataModule, steps: int, with_swarm: bool, seed: int = 0):
 
 
 def run_plain(dm: CohortDataModule, steps: int, seed: int = 0) -> float:
-    """The reference: for each batch, each model does forward, loss, backward, step."""
     torch.manual_seed(seed)
-    models = [ConvNet() for _ in range(SIZE)]
-    optimizers = [torch.optim.SGD(m.parameters(), lr=LR) for m in models]
-    loader = dm.train_dataloader()
-    start, done = time.perf_counter(), 0
-    while done < steps:
-        for x, y in loader:
-            for model, opt in zip(models, optimizers):
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                opt.step()
-            done += 1
-            if done == steps:
-                break
-    return time.perf_counter() - start
+    return plain_loop([ConvNet() for _ in range(SIZE)], dm, steps, LR)
 
 
 def main() -> None:

@@ -1,0 +1,37 @@
+"""Shared pieces of the benchmarks: a training-loop timer and the plain PyTorch reference loop."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+
+class FitTimer(Callback):
+    """Wall time of the training loop only (no Trainer setup, no test)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self.seconds = time.perf_counter() - self.start
+
+
+def plain_loop(models: Sequence[nn.Module], dm, steps: int, lr: float) -> float:
+    """The reference: for each shared batch, each model does forward, loss, backward, SGD step; returns seconds."""
+    optimizers = [torch.optim.SGD(m.parameters(), lr=lr) for m in models]
+    done, start = 0, time.perf_counter()
+    while done < steps:
+        for x, y in dm.train_dataloader():
+            for model, opt in zip(models, optimizers):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+            done += 1
+            if done == steps:
+                break
+    return time.perf_counter() - start
