@@ -93,6 +93,7 @@ class MutualLearning(CohortModule):
             self.val_ensemble_acc, self.test_ensemble_acc = acc.clone(), acc.clone()
         #: Mean training loss of every student per epoch: ``[(epoch, [loss per student]), ...]``.
         self.loss_history: list[tuple[int, list[float]]] = []
+        self._epoch_parts = torch.zeros(2, dtype=torch.float64)  # epoch sums of mean CE and mean mimicry
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         if isinstance(batch, Mapping):
@@ -118,17 +119,22 @@ class MutualLearning(CohortModule):
         self.last_loss.copy_(values)
         self._epoch_loss += values.cpu().double()
         self._epoch_steps += 1
-        self.log("train_loss/mean", values.mean(), prog_bar=True, batch_size=len(y))
-        self.log_dict(
-            {"train_ce/mean": torch.stack(ce).mean(), "train_mimicry/mean": torch.stack(mimic).mean()},
-            batch_size=len(y),
-        )
+        self._epoch_parts += torch.stack([torch.stack(ce).mean(), torch.stack(mimic).mean()]).cpu().double()
+        if self._log_this_step(batch_idx):
+            self.log("train_loss/mean", values.mean(), prog_bar=True, batch_size=len(y))
         return total.detach()
 
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._epoch_parts = torch.zeros(2, dtype=torch.float64)
+
     def on_train_epoch_end(self) -> None:
-        if int(self._epoch_steps.max()) > 0:
+        steps = int(self._epoch_steps.max())
+        if steps > 0:
             means = (self._epoch_loss / self._epoch_steps.clamp(min=1)).tolist()
             self.loss_history.append((self.current_epoch, means))
+            ce, mimic = (self._epoch_parts / steps).tolist()
+            self.log_dict({"train_ce/mean": ce, "train_mimicry/mean": mimic})
         super().on_train_epoch_end()
 
     # ------------------------------------------------------------- evaluation
