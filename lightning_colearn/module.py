@@ -167,18 +167,17 @@ class CohortModule(L.LightningModule):
     # --------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         opt = self.optimizers()
-        active = self._active()
         opt.zero_grad()
-        total, stepped = None, []
-        for i in active:
-            loss = self.member_training_step(i, self.member_batch(batch, i), batch_idx)
-            if loss is None:  # Lightning's convention: a step returning None is skipped
-                continue
-            stepped.append(i)
+        member_losses = self.cohort_losses(batch, batch_idx)
+        if not member_losses:
+            return None
+        stepped = list(member_losses)
+        total = None
+        for i, loss in member_losses.items():
             self.last_loss[i] = loss.detach().float()
             total = loss if total is None else total + loss
-        if total is None:
-            return None
+        # The members share no parameters (or, in MutualLearning, see each other only detached),
+        # so one backward over the sum gives every member exactly its own gradient.
         self.manual_backward(total)
         self._stepping = stepped
         opt.step(members=stepped)
@@ -189,6 +188,19 @@ class CohortModule(L.LightningModule):
         if self._log_this_step(batch_idx):
             self.log("train_loss/mean", losses.mean().float(), prog_bar=True, batch_size=_batch_size(batch))
         return total.detach()
+
+    def cohort_losses(self, batch: Any, batch_idx: int) -> dict[int, Tensor]:
+        """``{member: loss}`` for the members that train on this batch (the active ones whose step returned a loss).
+
+        Override when the losses couple the members (as :class:`~lightning_colearn.MutualLearning` does);
+        override :meth:`member_training_step` to change one member's loss.
+        """
+        losses = {}
+        for i in self._active():
+            loss = self.member_training_step(i, self.member_batch(batch, i), batch_idx)
+            if loss is not None:  # Lightning's convention: a step returning None is skipped
+                losses[i] = loss
+        return losses
 
     def _log_this_step(self, batch_idx: int) -> bool:
         # self.log costs ~0.6 ms a call, a large share of a small cohort's step; per-step values are

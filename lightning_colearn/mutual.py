@@ -95,34 +95,18 @@ class MutualLearning(CohortModule):
         self.loss_history: list[tuple[int, list[float]]] = []
         self._epoch_parts = torch.zeros(2, dtype=torch.float64)  # epoch sums of mean CE and mean mimicry
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def cohort_losses(self, batch: Any, batch_idx: int) -> dict[int, Tensor]:
         if isinstance(batch, Mapping):
             raise ValueError(
                 "MutualLearning needs one shared batch for all students (data.stream=shared); got per-member batches"
             )
         x, y = batch
-        opt = self.optimizers()
-        opt.zero_grad()
         logits = [student(x) for student in self.cohort]  # exactly one forward per student
         losses, ce, mimic = mutual_learning_losses(
             logits, y, self.temperature, self.kl_weight, self.mode, return_parts=True
         )
-        total = losses[0]
-        for loss in losses[1:]:
-            total = total + loss
-        # Peers are detached inside each loss, so d(total)/d(student i) = dL_i/d(student i).
-        self.manual_backward(total)
-        self._stepping = list(range(self.size))
-        opt.step()
-        self._step_schedulers("step")
-        values = torch.stack([loss.detach().float() for loss in losses])
-        self.last_loss.copy_(values)
-        self._epoch_loss += values.cpu().double()
-        self._epoch_steps += 1
         self._epoch_parts += torch.stack([torch.stack(ce).mean(), torch.stack(mimic).mean()]).cpu().double()
-        if self._log_this_step(batch_idx):
-            self.log("train_loss/mean", values.mean(), prog_bar=True, batch_size=len(y))
-        return total.detach()
+        return dict(enumerate(losses))
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
