@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_colearn.data.datasets import DatasetNotFoundError
+from lightning_colearn._checks import is_int_at_least
 
 __all__ = ["ConfigError", "main", "train", "validate_config"]
 
@@ -63,7 +64,7 @@ def validate_config(cfg: DictConfig) -> None:
 
 def _int_field(cfg: DictConfig, key: str, minimum: int) -> int:
     value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int_at_least(value, minimum):
         raise ConfigError(f"{key} must be an int >= {minimum}, got {value!r}")
     return value
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from lightning_colearn._checks import is_int_at_least
 from lightning_colearn.functional import arithmetic as F
 
 __all__ = ["Cohort", "MemberSpec"]
@@ -215,7 +216,7 @@ def _build_members(members: MemberSpec, size: int | None) -> list[nn.Module]:
 def _check_size(size: int | None, what: str) -> int:
     if size is None:
         raise ValueError(f"size is required when members is {what}")
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    if not is_int_at_least(size, 1):
         raise ValueError(f"cohort size must be an int >= 1, got {size!r}")
     return size
 

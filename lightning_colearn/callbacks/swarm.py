@@ -49,6 +49,7 @@ from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.swarm import gaussian_perturb_, move_toward_, plan_moves, select_particles
 from lightning_colearn.metrics.cohort import higher_is_better
 from lightning_colearn.module import CohortModule
+from lightning_colearn._checks import is_int_at_least
 
 __all__ = ["ParticleSwarm"]
 
@@ -94,9 +95,9 @@ class ParticleSwarm(Callback):
         seed: int = 0,
     ) -> None:
         errors = []
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if not is_int_at_least(every_n_steps, 1):
             errors.append(f"every_n_steps must be an int >= 1, got {every_n_steps!r}")
-        if isinstance(n_particles, bool) or not isinstance(n_particles, int) or n_particles < 2:
+        if not is_int_at_least(n_particles, 2):
             errors.append(f"n_particles must be an int >= 2 (and <= cohort size), got {n_particles!r}")
         if not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
             errors.append(f"alpha must be in (0, 1), got {alpha!r}")
@@ -106,7 +107,7 @@ class ParticleSwarm(Callback):
             errors.append(f"buffers must be one of {list(BUFFER_MODES)}, got {buffers!r}")
         if not isinstance(sigma, (int, float)) or not sigma >= 0:
             errors.append(f"sigma must be >= 0, got {sigma!r}")
-        if isinstance(fitness_batches, bool) or not isinstance(fitness_batches, int) or fitness_batches < 1:
+        if not is_int_at_least(fitness_batches, 1):
             errors.append(f"fitness_batches must be an int >= 1, got {fitness_batches!r}")
         if metric is not None and not isinstance(metric, Metric):
             errors.append(f"metric must be a torchmetrics.Metric, got {type(metric).__name__}")

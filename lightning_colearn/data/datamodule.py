@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 
 from lightning_colearn.data.datasets import DATASETS, NORMALISATION, ImageDataset, collate_batch, load_dataset
 from lightning_colearn.data.partition import PARTITIONS, partition, split_member
+from lightning_colearn._checks import is_int_at_least
 
 __all__ = ["CohortDataModule", "EpochShuffleSampler", "SPLITS", "STREAMS"]
 
@@ -228,5 +229,5 @@ def _check_choice(field: str, value, allowed: Sequence[str]) -> None:
 
 
 def _check_int(field: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    if not is_int_at_least(value, minimum):
         raise ValueError(f"data.{field} must be an int >= {minimum}, got {value!r}")

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lightning_colearn._checks import is_int_at_least
+
 __all__ = ["PARTITIONS", "partition", "split_member"]
 
 PARTITIONS = ("iid", "dirichlet", "shards")
@@ -56,7 +58,7 @@ def partition(
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
-    if isinstance(num_members, bool) or not isinstance(num_members, (int, np.integer)) or num_members < 1:
+    if not is_int_at_least(num_members, 1):
         raise ValueError(f"num_members must be an int >= 1, got {num_members!r}")
     if num_members * min_size > len(labels):
         raise ValueError(
@@ -97,7 +99,7 @@ def _dirichlet(labels: np.ndarray, n: int, alpha: float, min_size: int, rng: np.
 
 def _shards(labels: np.ndarray, n: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
     classes = np.unique(labels)
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= len(classes):
+    if not is_int_at_least(k, 1) or k > len(classes):
         raise ValueError(f"labels_per_member must be an int in [1, {len(classes)}], got {k!r}")
     # Deal classes round-robin from a shuffled order: member i gets slots
     # i*k .. i*k+k-1 (mod C), so every member has k distinct classes and

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from lightning_colearn._checks import is_int_at_least
+
 __all__ = ["CohortMetric", "higher_is_better"]
 
 
@@ -48,7 +50,7 @@ class CohortMetric(nn.Module):
         super().__init__()
         if not isinstance(metric, Metric):
             raise TypeError(f"metric must be a torchmetrics.Metric, got {type(metric).__name__}")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        if not is_int_at_least(size, 1):
             raise ValueError(f"size must be an int >= 1, got {size!r}")
         self.members = nn.ModuleList([metric.clone() for _ in range(size)])
         self.maximize = higher_is_better(metric, maximize)
