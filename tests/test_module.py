@@ -12,25 +12,13 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
+from helpers import fast_trainer
 from lightning_colearn import Cohort, CohortDataModule, CohortModule
 from lightning_colearn.models import LogisticRegression
 
 
 def trainer(tmp_path=None, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        max_epochs=1,
-        default_root_dir=tmp_path,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
-
+    return fast_trainer(tmp_path, **{"max_epochs": 1, **kwargs})
 
 def weights(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}

@@ -11,17 +11,11 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from helpers import fast_trainer
 from lightning_colearn import CohortDataModule, MutualLearning
 from lightning_colearn.functional.distillation import mutual_learning_losses
 from lightning_colearn.models import MLP, ConvNet, LogisticRegression
 from lightning_colearn.mutual import load_student
-
-
-def make_trainer(root=None, **kwargs) -> L.Trainer:
-    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                    enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=root)
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
 
 
 def shared_dm(**kwargs) -> CohortDataModule:
@@ -93,7 +87,7 @@ def test_one_forward_per_student_per_step_and_eval_mode_in_validation():
 
     counter = CountForwards()
     module = MutualLearning([ConvNet(), MLP(), MLP()], optimizer=partial(torch.optim.SGD, lr=0.01))
-    make_trainer(max_steps=3, limit_val_batches=1, val_check_interval=3, callbacks=[counter, CheckMode()]).fit(
+    fast_trainer(max_steps=3, limit_val_batches=1, val_check_interval=3, callbacks=[counter, CheckMode()]).fit(
         module, datamodule=shared_dm(batch_size=16)
     )
     assert counter.per_step == [[1, 1, 1]] * 3
@@ -104,7 +98,7 @@ def test_one_forward_per_student_per_step_and_eval_mode_in_validation():
 def test_more_than_two_students_under_bf16_mixed():
     module = MutualLearning([MLP(), MLP(), LogisticRegression(), MLP()])
     before = copy.deepcopy(module.cohort[2].state_dict())
-    trainer = make_trainer(max_steps=3, precision="bf16-mixed", limit_val_batches=1, val_check_interval=3)
+    trainer = fast_trainer(max_steps=3, precision="bf16-mixed", limit_val_batches=1, val_check_interval=3)
     trainer.fit(module, datamodule=shared_dm(num_members=4, batch_size=16))
     assert torch.isfinite(module.last_loss).all()
     assert not torch.equal(before["linear.weight"], module.cohort[2].linear.weight)
@@ -115,7 +109,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     def run(root, epochs, init, ckpt_path=None):
         module = MutualLearning([MLP(), LogisticRegression()], optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
         module.load_state_dict(init)
-        trainer = make_trainer(root, max_epochs=epochs, limit_train_batches=4, enable_checkpointing=True,
+        trainer = fast_trainer(root, max_epochs=epochs, limit_train_batches=4, enable_checkpointing=True,
                                callbacks=[ModelCheckpoint(dirpath=root, save_last=True)])
         trainer.fit(module, datamodule=shared_dm(num_members=2, batch_size=16), ckpt_path=ckpt_path)
         return module
@@ -152,7 +146,7 @@ def test_writes_loss_plot(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     module = MutualLearning([MLP(), LogisticRegression()])
-    trainer = make_trainer(max_epochs=2, limit_train_batches=2, logger=CSVLogger(tmp_path, name="", version=""))
+    trainer = fast_trainer(max_epochs=2, limit_train_batches=2, logger=CSVLogger(tmp_path, name="", version=""))
     trainer.fit(module, datamodule=shared_dm(num_members=2, batch_size=16))
     assert (tmp_path / "mutual_losses.png").stat().st_size > 0
     assert [e for e, _ in module.loss_history] == [0, 1]
@@ -177,7 +171,7 @@ def test_per_member_batches_are_refused():
     module = MutualLearning([MLP(), MLP()])
     dm = CohortDataModule(num_members=2, batch_size=16, stream="per_member")
     with pytest.raises(ValueError, match="data.stream=shared"):
-        make_trainer(max_steps=1).fit(module, datamodule=dm)
+        fast_trainer(max_steps=1).fit(module, datamodule=dm)
 
 
 @pytest.mark.slow
@@ -186,7 +180,7 @@ def test_three_heterogeneous_students_reach_090_in_two_epochs():
     # SGD lr 0.01 with momentum 0.9, batch 32; plain SGD (no momentum) reaches ~0.87 in the same budget.
     module = MutualLearning([ConvNet(), ConvNet(), MLP()], optimizer=partial(torch.optim.SGD, lr=0.01, momentum=0.9))
     dm = shared_dm(batch_size=32, splits=(1.0, 0.0, 0.0))
-    trainer = make_trainer(max_epochs=2)
+    trainer = fast_trainer(max_epochs=2)
     trainer.fit(module, datamodule=dm)
     result = trainer.test(module, datamodule=dm, verbose=False)[0]
     assert all(result[f"test_acc/member_{i}"] >= 0.90 for i in range(3)), result

@@ -13,24 +13,10 @@ from torch import nn
 from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
+from helpers import fast_trainer
 from lightning_colearn import Cohort, CohortDataModule, CohortModule, ParticleSwarm
 from lightning_colearn.functional.swarm import effective_alpha, plan_moves, select_particles
 from lightning_colearn.models import MLP, ConvNet, LogisticRegression
-
-
-def make_trainer(root=None, **kwargs) -> L.Trainer:
-    defaults = dict(
-        accelerator="cpu",
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        default_root_dir=root,
-    )
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
 
 
 def states(module: CohortModule) -> list[dict[str, torch.Tensor]]:
@@ -118,7 +104,7 @@ def test_optimizer_state_kept_or_reset_and_never_stale(reset):
     torch.manual_seed(0)
     module = CohortModule(LogisticRegression, size=4, optimizer=partial(torch.optim.SGD, lr=0.1, momentum=0.9))
     swarm = ParticleSwarm(every_n_steps=3, n_particles=4, alpha=0.5, reset_optimizer=reset)
-    trainer = make_trainer(max_steps=3, callbacks=[swarm])
+    trainer = fast_trainer(max_steps=3, callbacks=[swarm])
     trainer.fit(module, datamodule=CohortDataModule(num_members=4, batch_size=16))
     (record,) = swarm.history
     opt = trainer.optimizers[0]
@@ -145,7 +131,7 @@ def test_best_member_is_unchanged_and_others_move_in_a_real_run():
 
     swarm = Spy(every_n_steps=2, n_particles=3, alpha=0.5)
     module = CohortModule(LogisticRegression, size=5)
-    make_trainer(max_steps=2, callbacks=[swarm]).fit(module, datamodule=CohortDataModule(num_members=5, batch_size=16))
+    fast_trainer(max_steps=2, callbacks=[swarm]).fit(module, datamodule=CohortDataModule(num_members=5, batch_size=16))
     (record,) = swarm.history
     for i in range(5):
         same = all(torch.equal(swarm.before[i][k], swarm.after[i][k]) for k in swarm.before[i])
@@ -160,7 +146,7 @@ def test_best_member_is_unchanged_and_others_move_in_a_real_run():
 def test_move_all_moves_every_member_but_the_best():
     swarm = ParticleSwarm(every_n_steps=1, n_particles=2, move="all")
     module = CohortModule(LogisticRegression, size=5)
-    make_trainer(max_steps=1, callbacks=[swarm]).fit(module, datamodule=CohortDataModule(num_members=5, batch_size=16))
+    fast_trainer(max_steps=1, callbacks=[swarm]).fit(module, datamodule=CohortDataModule(num_members=5, batch_size=16))
     record = swarm.history[0]
     assert record["moved"] == sorted(set(range(5)) - {record["best"]})
 
@@ -186,7 +172,7 @@ def test_metric_fitness_uses_higher_is_better():
     dm = CohortDataModule(num_members=4, batch_size=16)
     swarm = ParticleSwarm(every_n_steps=2, n_particles=4, metric=MulticlassAccuracy(num_classes=10))
     module = CohortModule(LogisticRegression, size=4)
-    make_trainer(max_steps=2, callbacks=[swarm]).fit(module, datamodule=dm)
+    fast_trainer(max_steps=2, callbacks=[swarm]).fit(module, datamodule=dm)
     record = swarm.history[0]
     assert record["fitness"][record["chosen"].index(record["best"])] == max(record["fitness"])
     assert all(0.0 <= f <= 1.0 for f in record["fitness"])
@@ -207,7 +193,7 @@ def test_resume_after_a_move_equals_uninterrupted_run(tmp_path):
         module = CohortModule(MLP, size=4, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
         module.load_state_dict(init)
         swarm = ParticleSwarm(every_n_steps=3, n_particles=3, alpha=0.5, seed=1)
-        trainer = make_trainer(
+        trainer = fast_trainer(
             root, max_epochs=max_epochs, limit_train_batches=6, enable_checkpointing=True,
             callbacks=[swarm, ModelCheckpoint(dirpath=root, save_last=True)],
         )
@@ -249,7 +235,7 @@ def test_argument_errors(kwargs, match):
 def test_n_particles_larger_than_cohort_fails_at_setup():
     module = CohortModule(LogisticRegression, size=3)
     with pytest.raises(ValueError, match=r"n_particles must be in \[2, 3\] \(the cohort size\), got 4"):
-        make_trainer(max_steps=1, callbacks=[ParticleSwarm(n_particles=4)]).fit(
+        fast_trainer(max_steps=1, callbacks=[ParticleSwarm(n_particles=4)]).fit(
             module, datamodule=CohortDataModule(num_members=3, batch_size=16)
         )
 
@@ -257,7 +243,7 @@ def test_n_particles_larger_than_cohort_fails_at_setup():
 def test_heterogeneous_cohort_fails_at_setup():
     module = CohortModule(Cohort([MLP(), LogisticRegression()]))
     with pytest.raises(ValueError, match="same architecture: members 0 and 1 differ"):
-        make_trainer(max_steps=1, callbacks=[ParticleSwarm(n_particles=2)]).fit(
+        fast_trainer(max_steps=1, callbacks=[ParticleSwarm(n_particles=2)]).fit(
             module, datamodule=CohortDataModule(num_members=2, batch_size=16)
         )
 
@@ -266,7 +252,7 @@ def test_writes_history_and_plot(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     swarm = ParticleSwarm(every_n_steps=2, n_particles=2)
-    trainer = make_trainer(
+    trainer = fast_trainer(
         max_steps=4, logger=CSVLogger(tmp_path, name="", version=""), callbacks=[swarm],
         limit_val_batches=1, val_check_interval=2, check_val_every_n_epoch=None,
     )
@@ -285,7 +271,7 @@ def test_nytorch_example_on_mnist_small_reaches_090_and_lifts_the_worst_member()
         dm = CohortDataModule("mnist_small", num_members=12, batch_size=64, stream="shared", splits=(0.9, 0.1, 0.0))
         module = CohortModule(ConvNet, size=12, optimizer=partial(torch.optim.SGD, lr=0.01))
         callbacks = [ParticleSwarm(every_n_steps=16, n_particles=6, alpha=0.5)] if with_swarm else []
-        trainer = make_trainer(max_steps=256, callbacks=callbacks)
+        trainer = fast_trainer(max_steps=256, callbacks=callbacks)
         trainer.fit(module, datamodule=dm)
         result = trainer.test(module, datamodule=dm, verbose=False)[0]
         return [result[f"test_acc/member_{i}"] for i in range(12)]
@@ -309,7 +295,7 @@ def test_each_move_is_logged_and_the_plot_reaches_image_loggers(tmp_path):
 
     swarm = ParticleSwarm(every_n_steps=2, n_particles=3)
     logger = ImageLogger(tmp_path, name="", version="")
-    trainer = make_trainer(max_steps=2, logger=logger, callbacks=[swarm], log_every_n_steps=1)
+    trainer = fast_trainer(max_steps=2, logger=logger, callbacks=[swarm], log_every_n_steps=1)
     trainer.fit(CohortModule(LogisticRegression, size=3), datamodule=CohortDataModule(num_members=3, batch_size=16))
     record = swarm.history[0]
     from lightning_colearn.plots import read_metrics_csv
