@@ -124,8 +124,9 @@ class CohortModule(L.LightningModule):
         self.active_members: list[int] | None = None
         #: Each member's most recent training loss (NaN before its first step); swarm fitness reads it.
         self.register_buffer("last_loss", torch.full((n,), math.nan))
-        self._epoch_loss = torch.zeros(n, dtype=torch.float64)
-        self._epoch_steps = torch.zeros(n, dtype=torch.long)
+        # Epoch sums live on the module's device: accumulating them never syncs the device mid-epoch.
+        self.register_buffer("_epoch_loss", torch.zeros(n), persistent=False)
+        self.register_buffer("_epoch_steps", torch.zeros(n, dtype=torch.long), persistent=False)
         self._schedulers: list[dict[str, Any] | None] = []
         self._pending_scheduler_states: list[Any] | None = None
         self._stepping: list[int] = []
@@ -182,11 +183,11 @@ class CohortModule(L.LightningModule):
         self._stepping = stepped
         opt.step(members=stepped)
         self._step_schedulers("step")
-        losses = self.last_loss[stepped].detach().cpu().double()
+        losses = self.last_loss[stepped]
         self._epoch_loss[stepped] += losses
         self._epoch_steps[stepped] += 1
         if self._log_this_step(batch_idx):
-            self.log("train_loss/mean", losses.mean().float(), prog_bar=True, batch_size=_batch_size(batch))
+            self.log("train_loss/mean", losses.mean(), prog_bar=True, batch_size=_batch_size(batch))
         return total.detach()
 
     def cohort_losses(self, batch: Any, batch_idx: int) -> dict[int, Tensor]:

@@ -93,7 +93,7 @@ class MutualLearning(CohortModule):
             self.val_ensemble_acc, self.test_ensemble_acc = acc.clone(), acc.clone()
         #: Mean training loss of every student per epoch: ``[(epoch, [loss per student]), ...]``.
         self.loss_history: list[tuple[int, list[float]]] = []
-        self._epoch_parts = torch.zeros(2, dtype=torch.float64)  # epoch sums of mean CE and mean mimicry
+        self.register_buffer("_epoch_parts", torch.zeros(2), persistent=False)  # epoch sums: mean CE, mean mimicry
 
     def cohort_losses(self, batch: Any, batch_idx: int) -> dict[int, Tensor]:
         if isinstance(batch, Mapping):
@@ -105,12 +105,12 @@ class MutualLearning(CohortModule):
         losses, ce, mimic = mutual_learning_losses(
             logits, y, self.temperature, self.kl_weight, self.mode, return_parts=True
         )
-        self._epoch_parts += torch.stack([torch.stack(ce).mean(), torch.stack(mimic).mean()]).cpu().double()
+        self._epoch_parts += torch.stack([torch.stack(ce).mean(), torch.stack(mimic).mean()])
         return dict(enumerate(losses))
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
-        self._epoch_parts = torch.zeros(2, dtype=torch.float64)
+        self._epoch_parts.zero_()
 
     def on_train_epoch_end(self) -> None:
         steps = int(self._epoch_steps.max())
