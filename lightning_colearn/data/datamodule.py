@@ -129,8 +129,9 @@ class CohortDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ setup
     def prepare_data(self) -> None:
-        if self.dataset != "mnist_small":
-            load_dataset(self.dataset, self.root, self.download)  # download once, on one process
+        # Only a download needs doing once, on one process; otherwise setup() reads (or explains) the files.
+        if self.dataset != "mnist_small" and self.download:
+            load_dataset(self.dataset, self.root, self.download)
 
     def setup(self, stage: str | None = None) -> None:
         if self._members is not None:
