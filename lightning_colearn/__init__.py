@@ -1,6 +1,6 @@
 """lightning-colearn: collective learning for PyTorch Lightning."""
 
-from lightning_colearn.callbacks import ParticleSwarm
+from lightning_colearn.callbacks import CollectiveVoting, ParticleSwarm
 from lightning_colearn.cohort import Cohort
 from lightning_colearn.data import CohortDataModule
 from lightning_colearn.functional import CohortMismatchError
@@ -8,5 +8,5 @@ from lightning_colearn.module import CohortModule
 from lightning_colearn.mutual import MutualLearning
 from lightning_colearn.optim import CohortOptimizer
 
-__all__ = ["Cohort", "CohortDataModule", "CohortMismatchError", "CohortModule", "CohortOptimizer", "MutualLearning", "ParticleSwarm"]
+__all__ = ["CollectiveVoting", "Cohort", "CohortDataModule", "CohortMismatchError", "CohortModule", "CohortOptimizer", "MutualLearning", "ParticleSwarm"]
 __version__ = "0.1.0"

@@ -115,6 +115,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if hasattr(callback, "check_module"):  # fail before training, with the config field named
             try:
                 callback.check_module(module)
+                if hasattr(callback, "check_data"):
+                    callback.check_data(datamodule, module.size)
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"algorithm.callbacks.{name}: {err}") from err
         callbacks.append(callback)

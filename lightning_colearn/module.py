@@ -129,7 +129,8 @@ class CohortModule(L.LightningModule):
         self.register_buffer("_epoch_steps", torch.zeros(n, dtype=torch.long), persistent=False)
         self._schedulers: list[dict[str, Any] | None] = []
         self._pending_scheduler_states: list[Any] | None = None
-        self._stepping: list[int] = []
+        #: Members the most recent training step updated (callbacks count a round's steps with it).
+        self.stepped_members: list[int] = []
         self._member_logs: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
         if not self.wraps_lightning:
             self.val_loss = CohortMetric(MeanMetric(), n, maximize=False)
@@ -169,6 +170,7 @@ class CohortModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         opt = self.optimizers()
         opt.zero_grad()
+        self.stepped_members = []
         member_losses = self.cohort_losses(batch, batch_idx)
         if not member_losses:
             return None
@@ -180,7 +182,7 @@ class CohortModule(L.LightningModule):
         # The members share no parameters (or, in MutualLearning, see each other only detached),
         # so one backward over the sum gives every member exactly its own gradient.
         self.manual_backward(total)
-        self._stepping = stepped
+        self.stepped_members = stepped
         opt.step(members=stepped)
         self._step_schedulers("step")
         losses = self.last_loss[stepped]
@@ -227,7 +229,7 @@ class CohortModule(L.LightningModule):
         # so the clip threshold applies to true gradient norms.
         if self.gradient_clip_val is None:
             return
-        for i in self._stepping:
+        for i in self.stepped_members:
             torch.nn.utils.clip_grad_norm_(self.cohort[i].parameters(), self.gradient_clip_val)
 
     def on_train_epoch_start(self) -> None:

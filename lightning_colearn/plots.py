@@ -29,6 +29,8 @@ __all__ = [
     "plot_predictions",
     "plot_student_losses",
     "plot_swarm",
+    "plot_vote_results",
+    "plot_votes",
     "read_metrics_csv",
 ]
 
@@ -184,6 +186,71 @@ def plot_student_losses(history: list[tuple[int, list[float]]], out: str | os.Pa
     ax.set_title("deep mutual learning: loss per student")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_vote_results(results: list[dict], out: str | os.PathLike, criterion: str = "score"):
+    """colearn's ``plot_results``: each learner's vote score and test score over rounds; returns ``out``.
+
+    ``results`` is :attr:`CollectiveVoting.results`. The vote score plotted per
+    round is each learner's score of its current model after the round (the
+    proposal's score if accepted, the previous score if not); accepted rounds are
+    marked with a dot, rejected rounds with a cross.
+    """
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    rounds = [r["round"] for r in results]
+    n = len(results[0]["scores"]) if results else 0
+    after = [r["scores"] if r["accepted"] else r["current"] for r in results]
+    for j in range(n):
+        top.plot(rounds, [a[j] for a in after], lw=1, alpha=0.8, label=f"learner {j}" if n <= 12 else None)
+        # per-learner test split scores; else the shared evaluation set's accuracy (Lightning's validation)
+        tests = [(r["round"], (r["test"] or r.get("val"))[j]) for r in results if r["test"] or r.get("val")]
+        if tests:
+            bottom.plot(*zip(*tests), lw=1, alpha=0.8, marker=".")
+    mean_after = [sum(a) / len(a) if a else math.nan for a in after]
+    for r, m in zip(results, mean_after):
+        top.plot(r["round"], m, "o" if r["accepted"] else "x", color="black" if r["accepted"] else "red", ms=4)
+    top.set_ylabel(f"vote {criterion}")
+    top.set_title("collective voting: dot = accepted round, cross = rejected")
+    bottom.set_ylabel(f"test {criterion}" if any(r["test"] for r in results) else "val_acc (shared test set)")
+    bottom.set_xlabel("round")
+    bottom.xaxis.get_major_locator().set_params(integer=True)
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    if n:
+        top.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_votes(results: list[dict], out: str | os.PathLike):
+    """colearn's ``plot_votes``: a learners x rounds heat-map of the votes (yes, no, proposer); returns ``out``."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    plt = _pyplot()
+    n = len(results[0]["votes"]) if results else 0
+    # 0 = no, 1 = yes, 2 = proposer (does not vote); an explicit int array: no object arrays or masked
+    # NaN tricks, which is what broke the original's plot on current numpy.
+    grid = np.zeros((n, len(results)), dtype=np.int64)
+    for k, r in enumerate(results):
+        for j, v in enumerate(r["votes"]):
+            grid[j, k] = 2 if v is None else int(bool(v))
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(results) + 2), max(2.5, 0.4 * n + 1.5)))
+    ax.imshow(grid, cmap=ListedColormap(["#d9534f", "#5cb85c", "#cccccc"]), vmin=0, vmax=2, aspect="auto",
+              interpolation="nearest")
+    for k, r in enumerate(results):
+        ax.text(k, -0.75, "A" if r["accepted"] else "R", ha="center", va="center", fontsize=7)
+        for j, v in enumerate(r["votes"]):
+            if v is None:
+                ax.text(k, j, "P", ha="center", va="center", fontsize=7)
+    ax.set_ylim(n - 0.5, -1.25)
+    ax.set_yticks(range(n), [f"learner {j}" for j in range(n)])
+    ax.set_xticks(range(len(results)), [str(r["round"]) for r in results], fontsize=7)
+    ax.set_xlabel("round (A accepted, R rejected; P proposer; green yes, red no)")
+    ax.set_title("votes")
     fig.tight_layout()
     return _save(fig, out)
 

@@ -202,6 +202,8 @@ ERROR_CASES = {  # id: (overrides, field named in the message, bad value shown i
     "missing_ckpt": (["ckpt_path={tmp}/missing.ckpt"], "ckpt_path", "{tmp}/missing.ckpt"),
     "swarm_too_many_particles": (["algorithm=swarm", "cohort.size=2"], "n_particles", "got 4"),
     "swarm_alpha": (["algorithm=swarm", "algorithm.callbacks.swarm.alpha=1.5"], "alpha", "1.5"),
+    "voting_one_learner": (["algorithm=voting", "cohort=single"], "algorithm.callbacks.voting", "cohort size 1"),
+    "voting_no_vote_data": (["algorithm=voting", "data.splits=[0.9,0.0,0.1]"], "algorithm.callbacks.voting", "empty vote split"),
 }
 CLI_JOBS = {
     **{case: [*overrides, "trainer=debug", "hydra.run.dir={tmp}/run"] for case, (overrides, _, _) in ERROR_CASES.items()},
@@ -310,3 +312,17 @@ def test_mutual_learning_on_the_heterogeneous_cohort(make_cfg, tmp_path):
 def test_heterogeneous_cohort_size_must_match_members(make_cfg):
     with pytest.raises(ConfigError, match="cohort.size is 2 but cohort.members lists 3"):
         train(make_cfg("cohort=heterogeneous_3", "cohort.size=2", "trainer=debug"))
+
+
+def test_voting_experiment_writes_its_results_and_plots(make_cfg, tmp_path, capsys):
+    cfg = make_cfg("experiment=voting_mnist", "model=logistic_regression", "trainer=debug", *FEW_BATCHES,
+                   "trainer.max_epochs=2", "data.max_train_samples=1000")
+    assert (cfg.cohort.size, cfg.optimizer.lr, cfg.algorithm.callbacks.voting.threshold) == (5, 1e-3, 0.5)
+    train(cfg)
+    log_dir = tmp_path / "out" / "logs" / "version_0"
+    rows = (log_dir / "voting_results.csv").read_text().splitlines()
+    assert len(rows) == 3 and rows[0].startswith("round,step,proposer,accepted")
+    printed = capsys.readouterr().out
+    for plot in ("voting_results.png", "voting_votes.png"):
+        assert (log_dir / plot).is_file() and plot in printed  # listed where the run says its plots went
+    assert "vote/accepted" in read_metrics_csv(log_dir / "metrics.csv")

@@ -1,5 +1,6 @@
 """Communication rules between the members of a CohortModule, as Lightning callbacks."""
 
 from lightning_colearn.callbacks.swarm import ParticleSwarm
+from lightning_colearn.callbacks.voting import CollectiveVoting
 
-__all__ = ["ParticleSwarm"]
+__all__ = ["CollectiveVoting", "ParticleSwarm"]

@@ -48,6 +48,7 @@ from torchmetrics import Metric
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.swarm import gaussian_perturb_, move_toward_, plan_moves, select_particles
 from lightning_colearn.metrics.cohort import higher_is_better
+from lightning_colearn.metrics.scoring import score
 from lightning_colearn.module import CohortModule
 from lightning_colearn._checks import is_int_at_least
 
@@ -209,20 +210,10 @@ class ParticleSwarm(Callback):
             gaussian_perturb_([params[i] for i in times], self.sigma, self.generator)
 
     def _score(self, trainer: L.Trainer, pl_module: CohortModule, member: int) -> float:
-        loader = self._holdout(trainer)
-        metric = self.metric.clone().to(pl_module.device)
-        model = pl_module.cohort[member]
-        was_training = model.training
-        model.eval()
-        try:
-            for k, batch in enumerate(loader):
-                if k == self.fitness_batches:
-                    break
-                x, y = pl_module.member_batch(batch, member)
-                metric.update(model(x.to(pl_module.device)), y.to(pl_module.device))
-        finally:
-            model.train(was_training)
-        return float(metric.compute())
+        return score(
+            pl_module.cohort[member], self._holdout(trainer), self.metric, pl_module.device,
+            max_batches=self.fitness_batches, select=lambda batch: pl_module.member_batch(batch, member),
+        )
 
     def _holdout(self, trainer: L.Trainer):
         if self.fitness_dataloader is not None:

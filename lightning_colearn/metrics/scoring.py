@@ -1,0 +1,106 @@
+"""Score one model on held-out data with a torchmetrics metric (votes, swarm fitness, consensus).
+
+:func:`score_many` scores one model on several learners' data sets at once:
+their batches are concatenated into chunks of about ``chunk`` samples, so a
+vote over five small vote splits is a few large forward passes instead of
+many small ones (each learner's metric still sees only its own samples). This
+relies on the model treating samples independently in eval mode, as
+classifiers do (BatchNorm uses its running statistics there).
+
+Example:
+    >>> import torch
+    >>> from torchmetrics.classification import MulticlassAccuracy
+    >>> _ = torch.manual_seed(0)
+    >>> model = torch.nn.Linear(4, 3)
+    >>> data = [[(torch.randn(8, 4), torch.randint(0, 3, (8,)))] for _ in range(2)]
+    >>> acc = MulticlassAccuracy(num_classes=3, average="micro")
+    >>> score_many(model, data, acc) == [score(model, d, acc) for d in data]
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+__all__ = ["score", "score_many"]
+
+
+def score(
+    model: nn.Module,
+    batches: Iterable[Any],
+    metric: Metric,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    select: Callable[[Any], Any] | None = None,
+    context: Callable[[], AbstractContextManager] | None = None,
+) -> float:
+    """``metric`` of ``model`` over ``batches`` (``(x, y)`` pairs), in eval mode; the model's mode is restored.
+
+    ``metric`` is cloned, so the caller's instance is never updated. ``select``
+    picks ``(x, y)`` out of a batch (e.g. one member's part of a dict batch);
+    ``context`` is entered around the forward passes (e.g. the Trainer's
+    precision context, so votes run in the same precision as validation).
+    A loader that yields no batch is an error, not a silent zero.
+    """
+    pick = None if select is None else (lambda _, batch: select(batch))
+    return score_many(model, [batches], metric, device, max_batches, pick, context)[0]
+
+
+@torch.no_grad()
+def score_many(
+    model: nn.Module,
+    sources: Sequence[Iterable[Any]],
+    metric: Metric,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    select: Callable[[int, Any], Any] | None = None,
+    context: Callable[[], AbstractContextManager] | None = None,
+    chunk: int = 1024,
+) -> list[float]:
+    """``metric`` of ``model`` on each of ``sources`` (one value per source), with batched forward passes.
+
+    ``select(i, batch)`` picks ``(x, y)`` out of a batch of source ``i``; at
+    most ``max_batches`` batches are read per source.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    metrics = [metric.clone().to(device) for _ in sources]
+    seen = [0] * len(sources)
+    pending: list[tuple[int, Tensor, Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        out = model(torch.cat([x for _, x, _ in pending]).to(device))
+        for (i, _, y), logits in zip(pending, out.split([len(x) for _, x, _ in pending])):
+            metrics[i].update(logits, y.to(device))
+        pending.clear()
+
+    was_training = model.training
+    model.eval()
+    try:
+        with (context or nullcontext)():
+            queued = 0
+            for i, source in enumerate(sources):
+                for k, batch in enumerate(source):
+                    if max_batches is not None and k == max_batches:
+                        break
+                    x, y = select(i, batch) if select is not None else batch
+                    pending.append((i, x, y))
+                    seen[i] += 1
+                    queued += len(x)
+                    if queued >= chunk:
+                        flush()
+                        queued = 0
+            flush()
+    finally:
+        model.train(was_training)
+    empty = [i for i, s in enumerate(seen) if s == 0]
+    if empty:
+        raise ValueError(f"cannot score a model on no data: held-out source {empty[0]} yielded no batches")
+    return [float(m.compute()) for m in metrics]
