@@ -36,7 +36,7 @@ proposer's pre-round snapshot.
 Example::
 
     trainer = L.Trainer(max_epochs=20, callbacks=[CollectiveVoting(threshold=0.5,
-                        criterion=MulticlassAccuracy(num_classes=10))])
+                        criterion=MulticlassAccuracy(num_classes=10, average="micro"))])
     trainer.fit(CohortModule(ColearnConvNet, size=5, optimizer=partial(torch.optim.Adam, lr=1e-3)),
                 datamodule=CohortDataModule(num_members=5))
 """
@@ -258,6 +258,8 @@ class CollectiveVoting(Callback):
 
     def end_round(self, trainer: L.Trainer, pl_module: CohortModule) -> dict[str, Any]:
         """Vote on the round's proposal(s), accept or restore; returns the round's record."""
+        if not self._in_round:
+            raise RuntimeError("CollectiveVoting.end_round: no round in progress (rounds start at on_train_epoch_start)")
         vote_start = time.perf_counter()
         train_seconds = vote_start - self._round_start
         self._in_round = False
@@ -294,7 +296,7 @@ class CollectiveVoting(Callback):
             chosen["scores"][winner] = self._score_on(trainer, pl_module, winner, [winner])[0]
             self.current = chosen["scores"].tolist()
         self._snapshots = {}
-        vote_seconds = time.perf_counter() - vote_start + self._initial_seconds
+        vote_seconds = time.perf_counter() - vote_start
         test_start = time.perf_counter()
         tests = [self._score_on(trainer, pl_module, i, [i], "test")[0] for i in range(n)] if self.test_dataloaders else []
         reason = "accepted" if accepted else ("non-finite weights" if not chosen["finite"] else "not enough yes votes")
@@ -313,6 +315,7 @@ class CollectiveVoting(Callback):
             "test": tests,
             "train_seconds": train_seconds,
             "vote_seconds": vote_seconds,
+            "initial_seconds": self._initial_seconds,  # scoring learners' starting models (first round, once)
             "test_seconds": time.perf_counter() - test_start,
         }
         self.results.append(record)
@@ -363,7 +366,7 @@ class CollectiveVoting(Callback):
                 row[f"test_{j}"] = s
             for j, s in enumerate(r.get("val", [])):
                 row[f"val_acc_{j}"] = s
-            row.update({k: r[k] for k in ("train_seconds", "vote_seconds", "test_seconds")})
+            row.update({k: r.get(k, 0.0) for k in ("train_seconds", "vote_seconds", "initial_seconds", "test_seconds")})
             rows.append(row)
         return rows
 
