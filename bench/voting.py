@@ -17,9 +17,9 @@ training subset of Fashion-MNIST), one row per seed:
   the same number of own-data passes as in the voting run (rounds / learners
   epochs each): mean and best final test accuracy.
 
-Validation is off in the timed runs, so only the rounds are timed. The first
-round's vote time includes scoring every learner's starting model once, so a
-the one-off scoring of the learners' starting models is shown apart from the per-round vote time.
+Validation is off in the timed runs, so only the rounds are timed. The one-off
+scoring of the learners' starting models (first round) is shown apart from the
+per-round vote time.
 
 Run: ``.venv/bin/python bench/voting.py`` (``--rounds 2`` for a quick look,
 ``--seeds 0 1 2`` for more seeds).

@@ -129,6 +129,9 @@ class CohortModule(L.LightningModule):
         self.register_buffer("_epoch_steps", torch.zeros(n, dtype=torch.long), persistent=False)
         self._schedulers: list[dict[str, Any] | None] = []
         self._pending_scheduler_states: list[Any] | None = None
+        #: Extra loss terms ``term(member) -> Tensor`` added to each member's training loss
+        #: (e.g. FedProx's proximal term, registered by :class:`~lightning_colearn.FederatedAveraging`).
+        self.loss_terms: list[Callable[[int], Tensor]] = []
         #: Members the most recent training step updated (callbacks count a round's steps with it).
         self.stepped_members: list[int] = []
         self._member_logs: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -202,6 +205,8 @@ class CohortModule(L.LightningModule):
         for i in self._active():
             loss = self.member_training_step(i, self.member_batch(batch, i), batch_idx)
             if loss is not None:  # Lightning's convention: a step returning None is skipped
+                for term in self.loss_terms:
+                    loss = loss + term(i)
                 losses[i] = loss
         return losses
 

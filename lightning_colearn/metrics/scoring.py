@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-__all__ = ["score", "score_many"]
+__all__ = ["score", "score_many", "score_models"]
 
 
 def score(
@@ -103,4 +103,49 @@ def score_many(
     empty = [i for i, s in enumerate(seen) if s == 0]
     if empty:
         raise ValueError(f"cannot score a model on no data: held-out source {empty[0]} yielded no batches")
+    return [float(m.compute()) for m in metrics]
+
+
+@torch.no_grad()
+def score_models(
+    models: Sequence[nn.Module],
+    batches: Iterable[Any],
+    metric: Metric,
+    device: torch.device | str | None = None,
+    max_batches: int | None = None,
+    context: Callable[[], AbstractContextManager] | None = None,
+) -> list[float]:
+    """``metric`` of each of ``models`` on the same ``batches``, read once (consensus over candidates).
+
+    Example:
+        >>> import torch
+        >>> from torchmetrics.classification import MulticlassAccuracy
+        >>> models = [torch.nn.Linear(4, 3) for _ in range(2)]
+        >>> data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+        >>> acc = MulticlassAccuracy(num_classes=3, average="micro")
+        >>> score_models(models, data, acc) == [score(m, data, acc) for m in models]
+        True
+    """
+    if not models:
+        return []
+    device = torch.device(device) if device is not None else next(models[0].parameters()).device
+    metrics = [metric.clone().to(device) for _ in models]
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    seen = 0
+    try:
+        with (context or nullcontext)():
+            for k, (x, y) in enumerate(batches):
+                if max_batches is not None and k == max_batches:
+                    break
+                x, y = x.to(device), y.to(device)
+                for model, m in zip(models, metrics):
+                    m.update(model(x), y)
+                seen += 1
+    finally:
+        for model, mode in zip(models, modes):
+            model.train(mode)
+    if not seen:
+        raise ValueError("cannot score models on no data: the evaluation loader yielded no batches")
     return [float(m.compute()) for m in metrics]
