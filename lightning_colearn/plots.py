@@ -27,6 +27,7 @@ __all__ = [
     "log_figure",
     "plot_member_curves",
     "plot_predictions",
+    "plot_rounds",
     "plot_student_losses",
     "plot_swarm",
     "plot_vote_results",
@@ -251,6 +252,36 @@ def plot_votes(results: list[dict], out: str | os.PathLike):
     ax.set_xticks(range(len(results)), [str(r["round"]) for r in results], fontsize=7)
     ax.set_xlabel("round (A accepted, R rejected; P proposer; green yes, red no)")
     ax.set_title("votes")
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_rounds(history: list[dict], out: str | os.PathLike, title: str | None = None, target: float | None = None):
+    """Server score per federated round; per-miner candidate scores and appended blocks for PoFL; returns ``out``.
+
+    ``history`` is :attr:`FederatedAveraging.history` or :attr:`ProofOfLearning.history`.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    points = [(r["round"] + 1, r["score"]) for r in history if r.get("score") is not None]
+    if points:
+        ax.plot(*zip(*points), marker="o", ms=3, color="black", label="server score (global model / block)")
+    miners = max((len(r.get("scores") or []) for r in history), default=0)
+    for m in range(miners):
+        pts = [(r["round"] + 1, r["scores"][m]) for r in history if r["scores"][m] is not None]
+        if pts:
+            ax.plot(*zip(*pts), ls="", marker=".", ms=4, alpha=0.6, label=f"miner {m}" if miners <= 10 else None)
+    blocks = [r["round"] + 1 for r in history if r.get("block") is not None]
+    for k, x in enumerate(blocks):
+        ax.axvline(x, color="tab:green", lw=0.5, alpha=0.4, label="block appended" if k == 0 else None)
+    if target is not None:
+        ax.axhline(target, color="tab:red", ls="--", lw=0.8, label=f"target {target:g}")
+    ax.set_xlabel("round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("score on the shared evaluation set")
+    ax.set_title(title or "federated rounds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=3)
     fig.tight_layout()
     return _save(fig, out)
 

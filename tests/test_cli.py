@@ -202,6 +202,7 @@ ERROR_CASES = {  # id: (overrides, field named in the message, bad value shown i
     "missing_ckpt": (["ckpt_path={tmp}/missing.ckpt"], "ckpt_path", "{tmp}/missing.ckpt"),
     "swarm_too_many_particles": (["algorithm=swarm", "cohort.size=2"], "n_particles", "got 4"),
     "swarm_alpha": (["algorithm=swarm", "algorithm.callbacks.swarm.alpha=1.5"], "alpha", "1.5"),
+    "fedavg_aggregator": (["algorithm=fedavg", "algorithm.aggregator=mean"], "aggregator", "'mean'"),
     "voting_one_learner": (["algorithm=voting", "cohort=single"], "algorithm.callbacks.voting", "cohort size 1"),
     "voting_no_vote_data": (["algorithm=voting", "data.splits=[0.9,0.0,0.1]"], "algorithm.callbacks.voting", "empty vote split"),
 }
@@ -326,3 +327,25 @@ def test_voting_experiment_writes_its_results_and_plots(make_cfg, tmp_path, caps
     for plot in ("voting_results.png", "voting_votes.png"):
         assert (log_dir / plot).is_file() and plot in printed  # listed where the run says its plots went
     assert "vote/accepted" in read_metrics_csv(log_dir / "metrics.csv")
+
+
+def test_pofl_experiment_writes_a_ledger_the_ledger_command_verifies(make_cfg, tmp_path, capsys):
+    from lightning_colearn import ledger_cli
+
+    cfg = make_cfg("experiment=pofl_mnist", "cohort.size=8", "algorithm.miners=2", "algorithm.clients_per_round=4",
+                   "algorithm.threshold=0.0", "trainer=debug", *FEW_BATCHES, "trainer.max_epochs=2")
+    train(cfg)
+    ledger = tmp_path / "out" / "ledger.db"
+    assert ledger_cli.main(["verify", str(ledger)]) == 0
+    assert "OK: 2 blocks verified" in capsys.readouterr().out
+    log_dir = tmp_path / "out" / "logs" / "version_0"
+    assert (log_dir / "pofl_rounds.png").is_file() and len((log_dir / "pofl_rounds.csv").read_text().splitlines()) == 3
+
+
+def test_fedavg_experiment_takes_the_aggregator_from_the_command_line(make_cfg):
+    cfg = make_cfg("experiment=fedavg_mnist", "data.partition=dirichlet", "data.alpha=0.1", "algorithm.aggregator=trimmed_mean")
+    assert cfg.algorithm.callbacks.fedavg.aggregator == "trimmed_mean"
+    assert (cfg.cohort.size, cfg.algorithm.clients_per_round, cfg.data.batch_size) == (100, 20, 20)
+    results = train(make_cfg("experiment=fedavg_mnist", "cohort.size=10", "algorithm.clients_per_round=5",
+                             "algorithm.aggregator=trimmed_mean", "trainer=debug", *FEW_BATCHES, "plots=false"))
+    assert 0.0 <= results["test_acc/mean"] <= 1.0

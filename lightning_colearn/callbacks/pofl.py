@@ -1,0 +1,260 @@
+"""ProofOfLearning: proof of federated learning (flexBlock's PoFL) with a verifiable ledger.
+
+Clients are split among ``miners`` (client ``c`` belongs to miner ``c % miners``
+unless ``assignment`` says otherwise). Each round:
+
+1. a seeded sample of clients trains locally, each starting from its miner's model;
+2. every miner aggregates its own sampled clients' updates (FedAvg by sample
+   count, or a robust aggregator) into a candidate; a miner without client
+   updates this round has no candidate (it keeps its model and cannot win);
+3. consensus: every candidate is scored on the shared evaluation set in one
+   pass over it; the best one wins if it passes ``threshold``;
+4. the winner becomes a block: validators check its chain link, its weight
+   digest and re-score its weights from the block's bytes before adopting it;
+   it is appended to the :class:`~lightning_colearn.ledger.Ledger` (one SQLite
+   transaction) and every miner adopts it. Without a winner there is no block,
+   and each miner keeps its own candidate.
+
+flexBlock's faults fixed here: blocks are linked by hash and persisted,
+validated before adoption, the winner's weights are the ones just scored, a
+miner without updates cannot crash the round, and ``max_rounds`` bounds the
+train-until loop.
+
+Crash safety: a block is written in one transaction, after validation. A run
+killed after appending a block but before the epoch's checkpoint replays that
+round on resume; the replayed block must equal the one on the chain (same
+round, winner and weight digest), which is then not appended twice.
+
+Example::
+
+    trainer = L.Trainer(max_epochs=60, callbacks=[ProofOfLearning(miners=10, clients_per_round=20,
+                        threshold=0.6, ledger="outputs/ledger.db")])
+    trainer.fit(CohortModule(MLP, size=100), datamodule=CohortDataModule(num_members=100, batch_size=20))
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import math
+
+import lightning as L
+from torch import Tensor
+
+from lightning_colearn.callbacks.federated import sample_counts
+from lightning_colearn.callbacks.rounds import ClientRounds
+from lightning_colearn.functional import arithmetic as FA
+from lightning_colearn.functional.aggregation import AGGREGATORS, aggregate
+from lightning_colearn.ledger import Ledger, LedgerError
+from lightning_colearn.metrics.scoring import score, score_models
+from lightning_colearn.module import CohortModule
+from lightning_colearn._checks import is_int_at_least
+
+__all__ = ["ProofOfLearning"]
+
+
+class ProofOfLearning(ClientRounds):
+    """Proof of federated learning between miners that aggregate the clients (members) of a :class:`CohortModule`.
+
+    Args:
+        miners: number of miners (>= 1).
+        clients_per_round, local_epochs, max_rounds, target, stop_at_target, criterion, maximize,
+            eval_dataloader, eval_batches, reset_client_optimizer, seed: see :class:`ClientRounds`.
+        threshold: a candidate must score at least this (at most, for a minimised criterion) to become a block.
+        ledger: path of the SQLite ledger (created or continued), a :class:`Ledger`, or ``None`` (in memory).
+        assignment: miner of each client (default: ``client % miners``).
+        aggregator: per-miner aggregation (see :class:`FederatedAveraging`).
+        tolerance: how far a validator's re-evaluation may differ from the block's claimed score.
+    """
+
+    name = "pofl"
+
+    def __init__(
+        self,
+        miners: int = 10,
+        clients_per_round: int = 20,
+        threshold: float = 0.6,
+        ledger: str | Path | Ledger | None = None,
+        *,
+        local_epochs: int = 1,
+        assignment: list[int] | None = None,
+        aggregator: str = "fedavg",
+        tolerance: float = 1e-5,
+        **kwargs: Any,
+    ) -> None:
+        errors = []
+        if not is_int_at_least(miners, 1):
+            errors.append(f"miners must be an int >= 1, got {miners!r}")
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
+            errors.append(f"threshold must be a finite number, got {threshold!r}")
+        if aggregator not in AGGREGATORS:
+            errors.append(f"aggregator must be one of {list(AGGREGATORS)}, got {aggregator!r}")
+        if ledger is not None and not isinstance(ledger, (str, Path, Ledger)):
+            errors.append(f"ledger must be a path, a Ledger or None, got {type(ledger).__name__}")
+        if errors:
+            raise ValueError("ProofOfLearning: " + "; ".join(errors))
+        super().__init__(clients_per_round, local_epochs, **kwargs)
+        self.miners, self.threshold, self.aggregator, self.tolerance = miners, float(threshold), aggregator, tolerance
+        self.assignment = None if assignment is None else [int(m) for m in assignment]
+        self._ledger_spec = ledger
+        self.ledger: Ledger | None = ledger if isinstance(ledger, Ledger) else None
+        #: Each miner's current model (state dicts; miners adopting one block share its tensors, read-only).
+        self.miner_states: list[dict[str, Tensor]] | None = None
+        self._ledger_base: int | None = None  # blocks on the ledger before this run's first round
+
+    # ------------------------------------------------------------------ setup
+    def check_module(self, pl_module: L.LightningModule) -> None:
+        super().check_module(pl_module)
+        if self.assignment is not None:
+            if len(self.assignment) != pl_module.size:
+                raise ValueError(f"ProofOfLearning: assignment needs one miner per client ({pl_module.size}), got {len(self.assignment)}")
+            bad = [m for m in self.assignment if not 0 <= m < self.miners]
+            if bad:
+                raise ValueError(f"ProofOfLearning: assignment holds miner {bad[0]}, miners are 0..{self.miners - 1}")
+
+    def miner_of(self, client: int) -> int:
+        return self.assignment[client] if self.assignment is not None else client % self.miners
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        if self.ledger is None:
+            path = self._ledger_spec
+            self.ledger = Ledger(":memory:" if path is None else path)
+        # a scratch copy of one member: validators load a block's weights into it to re-score them
+        self._scratch = copy.deepcopy(pl_module.cohort[0])
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if self.miner_states is None:
+            state = pl_module.cohort.member_state(0)
+            self.miner_states = [state] * self.miners
+        if self._ledger_base is None:  # a new run continues the chain where it is
+            self._ledger_base = len(self.ledger)
+        known = self._next_block_index()
+        if len(self.ledger) < known:
+            raise LedgerError(
+                f"the ledger at {self.ledger.path} holds {len(self.ledger)} blocks but this run's checkpoint knows "
+                f"{known}: blocks were removed; restore the ledger file or start a new run"
+            )
+
+    def _next_block_index(self) -> int:
+        return self._ledger_base + sum(1 for r in self.history if r.get("block") is not None)
+
+    # ----------------------------------------------------------------- rounds
+    def start_round(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int]) -> None:
+        for c in clients:  # each client starts from its miner's model
+            pl_module.cohort.load_member_state(c, self.miner_states[self.miner_of(c)])
+
+    def finish_round(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int]) -> dict[str, Any]:
+        start = time.perf_counter()
+        cohort = pl_module.cohort
+        groups: dict[int, list[int]] = {}
+        for c in clients:
+            groups.setdefault(self.miner_of(c), []).append(c)
+        hosts: dict[int, int] = {}  # miner -> the member now holding its candidate
+        for m, members in sorted(groups.items()):
+            result = aggregate([cohort.member_tensors(c) for c in members], self.aggregator, sample_counts(trainer, members))
+            if FA.is_finite(result):
+                FA.copy_([cohort.member_tensors(members[0])], result)
+                hosts[m] = members[0]
+        aggregate_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        candidates = sorted(hosts)
+        values = score_models([cohort[hosts[m]] for m in candidates], self.eval_dataloader, self.criterion,
+                              pl_module.device, self.eval_batches, trainer.precision_plugin.forward_context) if candidates else []
+        scores: list[float | None] = [None] * self.miners
+        for m, v in zip(candidates, values):
+            scores[m] = v if math.isfinite(v) else None
+        ranked = [m for m in candidates if scores[m] is not None]
+        best = (max if self.maximize else min)(ranked, key=lambda m: scores[m]) if ranked else None
+        passes = best is not None and self._passes(scores[best])
+        consensus_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        block, reason = None, "no candidate passed the threshold" if candidates else "no client updates"
+        if passes:
+            state = cohort.member_state(hosts[best])
+            block, reason = self._append_block(trainer, pl_module, best, scores, state)
+            if block is not None:
+                self.miner_states = [state] * self.miners  # every miner adopts the block
+        if block is None:  # no block: each miner with a candidate keeps it
+            for m in candidates:
+                self.miner_states[m] = cohort.member_state(hosts[m])
+        ledger_seconds = time.perf_counter() - start
+        return {
+            "score": scores[best] if block is not None else None,
+            "scores": scores,
+            "winner": best if block is not None else None,
+            "block": None if block is None else block.index,
+            "reason": reason,
+            "aggregate_seconds": aggregate_seconds,
+            "consensus_seconds": consensus_seconds,
+            "ledger_seconds": ledger_seconds,
+        }
+
+    def _passes(self, value: float) -> bool:
+        return value >= self.threshold if self.maximize else value <= self.threshold
+
+    def _append_block(self, trainer, pl_module, winner, scores, state):
+        """Validate and append the winner's block (or find it already on the chain after a crash)."""
+        ledger = self.ledger
+        block, data = ledger.propose(self.round, winner, scores, state)
+        index = self._next_block_index()
+        if index < len(ledger):  # replaying a round whose block was appended before a crash
+            existing = ledger.block(index)
+            if (existing.round, existing.winner, existing.digest) != (block.round, block.winner, block.digest):
+                raise LedgerError(
+                    f"ledger block {index} (round {existing.round}, winner {existing.winner}) differs from this run's "
+                    f"replay of round {self.round} (winner {winner}); the ledger belongs to another run"
+                )
+            return existing, "block already on the chain (replayed after a crash)"
+        try:
+            ledger.validate(block, data, rescore=self._rescorer(trainer, pl_module), tol=self.tolerance)
+        except LedgerError as err:
+            return None, f"refused by validators: {err}"
+        return ledger.commit(block, data), "block appended"
+
+    def _rescorer(self, trainer: L.Trainer, pl_module: CohortModule):
+        def rescore(weights: dict[str, Tensor]) -> float:
+            scratch = self._scratch.to(pl_module.device)
+            scratch.load_state_dict({k: v.to(pl_module.device) for k, v in weights.items()})
+            return score(scratch, self.eval_dataloader, self.criterion, pl_module.device,
+                         max_batches=self.eval_batches, context=trainer.precision_plugin.forward_context)
+
+        return rescore
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        # the run's model is the chain head: install it in every member (what trainer.test then evaluates)
+        if self.ledger is not None and len(self.ledger):
+            head = self.ledger.load(len(self.ledger) - 1)
+            for i in range(pl_module.size):
+                pl_module.cohort.load_member_state(i, head)
+
+    def log_round(self, pl_module: CohortModule, record: dict[str, Any]) -> None:
+        super().log_round(pl_module, record)
+        logged = {"pofl/blocks": float(len(self.ledger))}
+        logged.update({f"pofl/miner_{m}": s for m, s in enumerate(record["scores"]) if s is not None})
+        pl_module.log_dict(logged, on_step=False, on_epoch=True)
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["miner_states"] = self.miner_states
+        state["ledger_base"] = self._ledger_base
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        try:
+            miner_states, base = state_dict["miner_states"], state_dict["ledger_base"]
+            base = None if base is None else int(base)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"ProofOfLearning checkpoint state is corrupt or from another version: {err}") from err
+        super().load_state_dict(state_dict)
+        self.miner_states, self._ledger_base = miner_states, base

@@ -1,0 +1,292 @@
+"""Client rounds: the round mechanics federated algorithms share (FedAvg, proof of federated learning).
+
+The members of a :class:`CohortModule` are the clients. A round spans
+``local_epochs`` Lightning epochs: at its start ``clients_per_round`` clients
+are sampled (seeded, without replacement) and only they train, each one pass
+over its own data per epoch (clients with less data stop early instead of
+cycling); after the round's last batch, before Lightning validates and
+checkpoints, the subclass aggregates (:meth:`ClientRounds.finish_round`), the
+server evaluates the resulting model on a shared evaluation set, and
+``max_rounds`` or a reached ``target`` stop training through
+``trainer.should_stop``.
+
+Round state (the round counter, the sampling generator, the clients of a round
+in progress and the epochs it has done) is checkpointed, so a run resumed from
+any epoch-end checkpoint continues exactly, even in the middle of a
+multi-epoch round.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torchmetrics import Metric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_colearn._checks import is_int_at_least
+from lightning_colearn.functional import arithmetic as FA
+from lightning_colearn.metrics.cohort import higher_is_better
+from lightning_colearn.metrics.scoring import score
+from lightning_colearn.module import CohortModule
+
+__all__ = ["ClientRounds"]
+
+
+class ClientRounds(Callback):
+    """Base class: client sampling, local epochs, server evaluation, stopping (see the module docstring).
+
+    Args:
+        clients_per_round: clients sampled per round, in ``[1, cohort size]``.
+        local_epochs: passes each sampled client makes over its own data per round (Lightning epochs per round).
+        max_rounds: stop after this many rounds (``None``: the Trainer's limits decide).
+        target: server score that counts as reached (recorded in :attr:`rounds_to_target`).
+        stop_at_target: stop training once ``target`` is reached.
+        criterion: torchmetrics metric of the server evaluation (default: accuracy over the module's classes).
+        maximize: direction for a criterion without ``higher_is_better``.
+        eval_dataloader: the shared evaluation set (default: the datamodule's ``eval_dataloader()``).
+        eval_batches: evaluate on at most this many batches of it (default: all).
+        reset_client_optimizer: clients start every round with fresh optimizer state (FL clients are stateless).
+        seed: seeds client sampling (its state is checkpointed).
+    """
+
+    name = "rounds"
+
+    def __init__(
+        self,
+        clients_per_round: int = 10,
+        local_epochs: int = 1,
+        *,
+        max_rounds: int | None = None,
+        target: float | None = None,
+        stop_at_target: bool = False,
+        criterion: Metric | None = None,
+        maximize: bool | None = None,
+        eval_dataloader: Any = None,
+        eval_batches: int | None = None,
+        reset_client_optimizer: bool = True,
+        seed: int = 0,
+    ) -> None:
+        errors = self._check_arguments(
+            clients_per_round=clients_per_round, local_epochs=local_epochs, max_rounds=max_rounds,
+            target=target, criterion=criterion, eval_batches=eval_batches,
+        )
+        if errors:
+            raise ValueError(f"{type(self).__name__}: " + "; ".join(errors))
+        self.maximize = higher_is_better(criterion, maximize) if criterion is not None else (True if maximize is None else bool(maximize))
+        self.clients_per_round, self.local_epochs, self.max_rounds = clients_per_round, local_epochs, max_rounds
+        self.target, self.stop_at_target, self.criterion = target, stop_at_target, criterion
+        self.eval_dataloader, self.eval_batches = eval_dataloader, eval_batches
+        self.reset_client_optimizer, self.seed = reset_client_optimizer, seed
+        self.generator = torch.Generator().manual_seed(seed)
+        #: Rounds completed.
+        self.round = 0
+        #: One record per round: round, step, clients, score, seconds per phase, and the subclass's fields.
+        self.history: list[dict[str, Any]] = []
+        #: First round (1-based count) whose server score reached ``target``, or ``None``.
+        self.rounds_to_target: int | None = None
+        self._clients: list[int] | None = None  # the round in progress
+        self._round_epochs = 0  # epochs the round in progress has done
+        self._synced = False
+        self._remaining: dict[int, float] = {}
+
+    @staticmethod
+    def _check_arguments(**kw: Any) -> list[str]:
+        errors = []
+        if not is_int_at_least(kw["clients_per_round"], 1):
+            errors.append(f"clients_per_round must be an int >= 1 (and <= cohort size), got {kw['clients_per_round']!r}")
+        if not is_int_at_least(kw["local_epochs"], 1):
+            errors.append(f"local_epochs must be an int >= 1, got {kw['local_epochs']!r}")
+        if kw["max_rounds"] is not None and not is_int_at_least(kw["max_rounds"], 1):
+            errors.append(f"max_rounds must be an int >= 1 or None, got {kw['max_rounds']!r}")
+        target = kw["target"]
+        if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float)) or not math.isfinite(target)):
+            errors.append(f"target must be a finite number or None, got {target!r}")
+        if kw["criterion"] is not None and not isinstance(kw["criterion"], Metric):
+            errors.append(f"criterion must be a torchmetrics.Metric, got {type(kw['criterion']).__name__}")
+        if kw["eval_batches"] is not None and not is_int_at_least(kw["eval_batches"], 1):
+            errors.append(f"eval_batches must be an int >= 1 or None, got {kw['eval_batches']!r}")
+        return errors
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(clients_per_round=self.clients_per_round, seed=self.seed)
+
+    # ------------------------------------------------------------------ setup
+    def check_module(self, pl_module: L.LightningModule) -> None:
+        """Raise a clear error unless this algorithm can run on ``pl_module`` (at ``setup``, and by the CLI)."""
+        cls = type(self).__name__
+        if not isinstance(pl_module, CohortModule):
+            raise TypeError(f"{cls} needs a CohortModule (its members are the clients), got {type(pl_module).__name__}")
+        if self.clients_per_round > pl_module.size:
+            raise ValueError(f"{cls}: clients_per_round must be in [1, {pl_module.size}] (the cohort size), got {self.clients_per_round}")
+        try:
+            pl_module.cohort.check_compatible()
+        except FA.CohortMismatchError as err:
+            raise ValueError(f"{cls} needs clients of one architecture (their weights are aggregated): {err}") from err
+        if self.criterion is None and pl_module.num_classes is None:
+            raise ValueError(f"{cls}: pass criterion=... (the module has no num_classes for the default accuracy)")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.check_module(pl_module)
+        if self.criterion is None:
+            self.criterion = MulticlassAccuracy(num_classes=int(pl_module.num_classes), average="micro")
+        if stage == "fit" and self.eval_dataloader is None:
+            dm = trainer.datamodule
+            if dm is None or not hasattr(dm, "eval_dataloader"):
+                raise ValueError(f"{type(self).__name__} needs a shared evaluation set: pass eval_dataloader=... or use a CohortDataModule")
+            self.eval_dataloader = dm.eval_dataloader()
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        if not self._synced:  # every client starts from one initial model (not on resume: already equal)
+            pl_module.cohort.broadcast(0)
+            self._synced = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        pl_module.active_members = None
+
+    # ----------------------------------------------------------------- rounds
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        if self._clients is None:
+            self._clients = sorted(torch.randperm(pl_module.size, generator=self.generator)[: self.clients_per_round].tolist())
+            self._round_epochs = 0
+            self._round_start = time.perf_counter()
+            self.start_round(trainer, pl_module, self._clients)
+            if self.reset_client_optimizer:
+                optimizers = _member_optimizers(trainer)
+                for c in self._clients:
+                    optimizers[c].state.clear()
+        elif not hasattr(self, "_round_start"):  # resumed in the middle of a round
+            self._round_start = time.perf_counter()
+        self._remaining = {c: self._budget(trainer, c) for c in self._clients}
+        pl_module.active_members = list(self._clients)
+
+    def _budget(self, trainer: L.Trainer, client: int) -> float:
+        dm = trainer.datamodule
+        if dm is not None and getattr(dm, "stream", None) == "per_member" and hasattr(dm, "member_dataloader"):
+            return len(dm.member_dataloader(client, "train"))  # one pass over its own data per epoch
+        return math.inf
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: CohortModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._clients is None:
+            return
+        for c in pl_module.stepped_members:
+            if c in self._remaining:
+                self._remaining[c] -= 1
+        pl_module.active_members = [c for c in self._clients if self._remaining[c] > 0]
+        epoch_ends = (
+            trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
+            or batch_idx + 1 >= trainer.num_training_batches
+        )
+        out_of_steps = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
+        if epoch_ends:
+            self._round_epochs += 1  # counted here, not at epoch end: the epoch's checkpoint must include it
+        if (epoch_ends and self._round_epochs >= self.local_epochs) or out_of_steps:
+            self._end_round(trainer, pl_module)
+
+    def _end_round(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        clients, self._clients = self._clients, None
+        pl_module.active_members = []
+        start = time.perf_counter()
+        record: dict[str, Any] = {"round": self.round, "step": trainer.global_step, "clients": clients,
+                                  "train_seconds": start - self._round_start}
+        del self._round_start
+        record.update(self.finish_round(trainer, pl_module, clients))
+        self.round += 1
+        value = record.get("score")
+        if value is not None and self.target is not None and self.rounds_to_target is None and self._reached(value):
+            self.rounds_to_target = self.round
+        record["rounds_to_target"] = self.rounds_to_target
+        self.history.append(record)
+        self.log_round(pl_module, record)
+        if (self.max_rounds is not None and self.round >= self.max_rounds) or (
+            self.stop_at_target and self.rounds_to_target is not None
+        ):
+            trainer.should_stop = True  # Lightning finishes this epoch (validation, checkpoint) and stops
+
+    def _reached(self, value: float) -> bool:
+        return value >= self.target if self.maximize else value <= self.target
+
+    def server_score(self, trainer: L.Trainer, pl_module: CohortModule, member: int) -> float:
+        """Score member ``member`` on the shared evaluation set."""
+        return score(pl_module.cohort[member], self.eval_dataloader, self.criterion, pl_module.device,
+                     max_batches=self.eval_batches, context=trainer.precision_plugin.forward_context)
+
+    # ------------------------------------------------------- subclass hooks
+    def start_round(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int]) -> None:
+        """Prepare the sampled clients before they train (e.g. load their miner's model)."""
+
+    def finish_round(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int]) -> dict[str, Any]:
+        """Aggregate the clients' updates; return the round's record fields (``score``: the server score)."""
+        raise NotImplementedError
+
+    def log_round(self, pl_module: CohortModule, record: dict[str, Any]) -> None:
+        logged = {f"{self.name}/round": float(record["round"])}
+        if record.get("score") is not None:
+            logged[f"{self.name}/score"] = float(record["score"])
+        pl_module.log_dict(logged, on_step=False, on_epoch=True)
+
+    # --------------------------------------------------------------- results
+    def write_history(self, path: str | Path) -> Path:
+        """Write one CSV row per round (lists joined by spaces), atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fields = list(dict.fromkeys(k for r in self.history for k in r)) or ["round"]
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            for r in self.history:
+                writer.writerow({k: " ".join("" if x is None else f"{x:.6g}" if isinstance(x, float) else str(x) for x in v)
+                                 if isinstance(v, list) else v for k, v in r.items()})
+        tmp.replace(path)
+        return path
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        # Without a logger, log_dir falls back to the working directory: write nothing there.
+        if not trainer.is_global_zero or not trainer.loggers or not trainer.log_dir or not self.history:
+            return
+        from lightning_colearn import plots  # matplotlib only here
+
+        out = Path(trainer.log_dir)
+        self.write_history(out / f"{self.name}_rounds.csv")
+        path = plots.plot_rounds(self.history, out / f"{self.name}_rounds.png", title=type(self).__name__, target=self.target)
+        plots.log_figure(trainer, f"{self.name}_rounds", path)
+
+    # ------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "generator": self.generator.get_state(),
+            "history": list(self.history),
+            "rounds_to_target": self.rounds_to_target,
+            "clients": self._clients,
+            "round_epochs": self._round_epochs,
+            "synced": self._synced,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        try:
+            round_, history = int(state_dict["round"]), list(state_dict["history"])
+            if round_ != len(history):
+                raise ValueError(f"round {round_} with {len(history)} recorded rounds")
+            rounds_to_target, clients = state_dict["rounds_to_target"], state_dict["clients"]
+            round_epochs, synced = int(state_dict["round_epochs"]), bool(state_dict["synced"])
+            self.generator.set_state(state_dict["generator"])  # the last step that can fail: nothing half-loaded
+        except (KeyError, RuntimeError, TypeError, ValueError) as err:
+            raise ValueError(f"{type(self).__name__} checkpoint state is corrupt or from another version: {err}") from err
+        self.round, self.history, self.rounds_to_target, self._clients = round_, history, rounds_to_target, clients
+        self._round_epochs, self._synced = round_epochs, synced
+
+
+def _member_optimizers(trainer: L.Trainer) -> list[torch.optim.Optimizer]:
+    members = getattr(trainer.optimizers[0], "optimizers", None)
+    if members is None:
+        raise TypeError(f"expected the CohortModule's CohortOptimizer, got {type(trainer.optimizers[0]).__name__}")
+    return members
