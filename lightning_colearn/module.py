@@ -332,6 +332,14 @@ class CohortModule(L.LightningModule):
                 self.log(f"{key.split('|', 1)[1]}/mean", sum(means) / len(means))
 
     # ------------------------------------------------------------- optimizers
+    def member_optimizers(self) -> list[Optimizer]:
+        """Each member's own optimizer, inside the :class:`CohortOptimizer` Lightning steps (after ``configure_optimizers``)."""
+        optimizers = self.trainer.optimizers if self._trainer is not None else []
+        members = getattr(optimizers[0], "optimizers", None) if optimizers else None
+        if members is None:
+            raise RuntimeError("member optimizers exist once the Trainer has called configure_optimizers (fit has started)")
+        return members
+
     def configure_optimizers(self) -> CohortOptimizer:
         optimizers, schedulers = [], []
         for i, member in enumerate(self.cohort):

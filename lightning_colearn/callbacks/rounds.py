@@ -159,7 +159,7 @@ class ClientRounds(Callback):
             self._round_start = time.perf_counter()
             self.start_round(trainer, pl_module, self._clients)
             if self.reset_client_optimizer:
-                optimizers = _member_optimizers(trainer)
+                optimizers = pl_module.member_optimizers()
                 for c in self._clients:
                     optimizers[c].state.clear()
         elif not hasattr(self, "_round_start"):  # resumed in the middle of a round
@@ -283,10 +283,3 @@ class ClientRounds(Callback):
             raise ValueError(f"{type(self).__name__} checkpoint state is corrupt or from another version: {err}") from err
         self.round, self.history, self.rounds_to_target, self._clients = round_, history, rounds_to_target, clients
         self._round_epochs, self._synced = round_epochs, synced
-
-
-def _member_optimizers(trainer: L.Trainer) -> list[torch.optim.Optimizer]:
-    members = getattr(trainer.optimizers[0], "optimizers", None)
-    if members is None:
-        raise TypeError(f"expected the CohortModule's CohortOptimizer, got {type(trainer.optimizers[0]).__name__}")
-    return members

@@ -229,12 +229,9 @@ class ParticleSwarm(Callback):
 
     @staticmethod
     def _reset_optimizer_state(trainer: L.Trainer, pl_module: CohortModule, members: list[int]) -> None:
-        optimizer = trainer.optimizers[0]
-        member_optimizers = getattr(optimizer, "optimizers", None)
+        optimizers = pl_module.member_optimizers()
         for i in members:
-            opt = member_optimizers[i] if member_optimizers is not None else optimizer
-            for p in pl_module.cohort[i].parameters():
-                opt.state.pop(p, None)
+            optimizers[i].state.clear()
 
     # --------------------------------------------------------------- results
     def write_history(self, path: str | Path) -> Path:

@@ -215,7 +215,7 @@ class CollectiveVoting(Callback):
             proposers = [int(torch.randint(n, (1,), generator=self.generator))]
         else:
             proposers = [self.round % n]
-        optimizers = _member_optimizers(trainer)
+        optimizers = pl_module.member_optimizers()
         self._snapshots = {
             p: (pl_module.cohort.member_state(p), copy.deepcopy(optimizers[p].state_dict())) for p in proposers
         }
@@ -283,7 +283,7 @@ class CollectiveVoting(Callback):
         )]
         chosen = proposals[winner]
         accepted = chosen["finite"] and is_accepted(chosen["yes"], voters, self.threshold)
-        optimizers = _member_optimizers(trainer)
+        optimizers = pl_module.member_optimizers()
         for p in self._proposers:
             if not (accepted and p == winner):
                 state, opt_state = self._snapshots[p]
@@ -416,14 +416,6 @@ class CollectiveVoting(Callback):
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise ValueError(f"CollectiveVoting checkpoint state is corrupt or from another version: {err}") from err
         self.round, self.results, self.current, self._synced = round_, results, current, bool(state_dict["synced"])
-
-
-def _member_optimizers(trainer: L.Trainer) -> list[torch.optim.Optimizer]:
-    optimizer = trainer.optimizers[0]
-    members = getattr(optimizer, "optimizers", None)
-    if members is None:
-        raise TypeError(f"CollectiveVoting needs the CohortModule's CohortOptimizer, got {type(optimizer).__name__}")
-    return members
 
 
 def _mean_others(scores: torch.Tensor, proposer: int) -> float:
