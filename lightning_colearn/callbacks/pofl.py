@@ -231,8 +231,9 @@ class ProofOfLearning(ClientRounds):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         super().on_train_end(trainer, pl_module)
-        # the run's model is the chain head: install it in every member (what trainer.test then evaluates)
-        if self.ledger is not None and len(self.ledger):
+        # the run's model is the chain head: install it in every member (what trainer.test then evaluates),
+        # if this run appended to the chain (a continued ledger's older head belongs to another run)
+        if self.ledger is not None and self._ledger_base is not None and self._next_block_index() > self._ledger_base:
             head = self.ledger.load(len(self.ledger) - 1)
             for i in range(pl_module.size):
                 pl_module.cohort.load_member_state(i, head)
