@@ -47,13 +47,15 @@ from torch import Tensor
 from lightning_colearn.callbacks.federated import sample_counts
 from lightning_colearn.callbacks.rounds import ClientRounds
 from lightning_colearn.functional import arithmetic as FA
-from lightning_colearn.functional.aggregation import AGGREGATORS, aggregate
+from lightning_colearn.functional.aggregation import aggregate
 from lightning_colearn.ledger import Ledger, LedgerError
 from lightning_colearn.metrics.scoring import score, score_models
 from lightning_colearn.module import CohortModule
 from lightning_colearn._checks import is_int_at_least
 
-__all__ = ["ProofOfLearning"]
+__all__ = ["MINER_AGGREGATORS", "ProofOfLearning"]
+
+MINER_AGGREGATORS = ("fedavg", "median", "trimmed_mean")
 
 
 class ProofOfLearning(ClientRounds):
@@ -66,7 +68,7 @@ class ProofOfLearning(ClientRounds):
         threshold: a candidate must score at least this (at most, for a minimised criterion) to become a block.
         ledger: path of the SQLite ledger (created or continued), a :class:`Ledger`, or ``None`` (in memory).
         assignment: miner of each client (default: ``client % miners``).
-        aggregator: per-miner aggregation (see :class:`FederatedAveraging`).
+        aggregator: per-miner aggregation: ``fedavg``, ``median`` or ``trimmed_mean`` (with ``trim_ratio``).
         tolerance: how far a validator's re-evaluation may differ from the block's claimed score.
     """
 
@@ -82,6 +84,7 @@ class ProofOfLearning(ClientRounds):
         local_epochs: int = 1,
         assignment: list[int] | None = None,
         aggregator: str = "fedavg",
+        trim_ratio: float = 0.1,
         tolerance: float = 1e-5,
         **kwargs: Any,
     ) -> None:
@@ -90,14 +93,19 @@ class ProofOfLearning(ClientRounds):
             errors.append(f"miners must be an int >= 1, got {miners!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
             errors.append(f"threshold must be a finite number, got {threshold!r}")
-        if aggregator not in AGGREGATORS:
-            errors.append(f"aggregator must be one of {list(AGGREGATORS)}, got {aggregator!r}")
+        if aggregator not in MINER_AGGREGATORS:
+            # Krum needs >= 2f + 3 updates per aggregation; a miner gets ~clients_per_round / miners of them
+            errors.append(f"aggregator must be one of {list(MINER_AGGREGATORS)} (Krum needs more clients per miner "
+                          f"than PoFL rounds give), got {aggregator!r}")
+        if isinstance(trim_ratio, bool) or not isinstance(trim_ratio, (int, float)) or not 0 <= trim_ratio < 0.5:
+            errors.append(f"trim_ratio must be in [0, 0.5), got {trim_ratio!r}")
         if ledger is not None and not isinstance(ledger, (str, Path, Ledger)):
             errors.append(f"ledger must be a path, a Ledger or None, got {type(ledger).__name__}")
         if errors:
             raise ValueError("ProofOfLearning: " + "; ".join(errors))
         super().__init__(clients_per_round, local_epochs, **kwargs)
         self.miners, self.threshold, self.aggregator, self.tolerance = miners, float(threshold), aggregator, tolerance
+        self.trim_ratio = float(trim_ratio)
         self.assignment = None if assignment is None else [int(m) for m in assignment]
         self._ledger_spec = ledger
         self.ledger: Ledger | None = ledger if isinstance(ledger, Ledger) else None
@@ -158,7 +166,8 @@ class ProofOfLearning(ClientRounds):
             groups.setdefault(self.miner_of(c), []).append(c)
         hosts: dict[int, int] = {}  # miner -> the member now holding its candidate
         for m, members in sorted(groups.items()):
-            result = aggregate([cohort.member_tensors(c) for c in members], self.aggregator, sample_counts(trainer, members))
+            result = aggregate([cohort.member_tensors(c) for c in members], self.aggregator,
+                               sample_counts(trainer, members), trim_ratio=self.trim_ratio)
             if FA.is_finite(result):
                 FA.copy_([cohort.member_tensors(members[0])], result)
                 hosts[m] = members[0]
@@ -231,12 +240,24 @@ class ProofOfLearning(ClientRounds):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         super().on_train_end(trainer, pl_module)
-        # the run's model is the chain head: install it in every member (what trainer.test then evaluates),
-        # if this run appended to the chain (a continued ledger's older head belongs to another run)
+        # The run's model goes into every member (what trainer.test then evaluates): the chain head if this
+        # run appended to the chain (a continued ledger's older head belongs to another run), otherwise the
+        # miner model that scored best in the last round.
         if self.ledger is not None and self._ledger_base is not None and self._next_block_index() > self._ledger_base:
-            head = self.ledger.load(len(self.ledger) - 1)
-            for i in range(pl_module.size):
-                pl_module.cohort.load_member_state(i, head)
+            model = self.ledger.load(len(self.ledger) - 1)
+        elif self.history and any(s is not None for s in self.history[-1]["scores"]):
+            scores = {m: s for m, s in enumerate(self.history[-1]["scores"]) if s is not None}
+            model = self.miner_states[(max if self.maximize else min)(scores, key=scores.get)]
+        else:
+            return
+        for i in range(pl_module.size):
+            pl_module.cohort.load_member_state(i, model)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # close a ledger file this callback opened (an in-memory one stays open: closing would lose it)
+        if stage == "fit" and self.ledger is not None and self._ledger_spec is not None and not isinstance(self._ledger_spec, Ledger):
+            self.ledger.close()
+            self.ledger = None
 
     def log_round(self, pl_module: CohortModule, record: dict[str, Any]) -> None:
         super().log_round(pl_module, record)

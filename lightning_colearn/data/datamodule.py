@@ -147,7 +147,7 @@ class CohortDataModule(L.LightningDataModule):
         parts = partition(
             labels, self.num_members, self.partition,
             seed=self.seed, alpha=self.alpha, labels_per_member=self.labels_per_member,
-            min_size=3,  # enough for one train, one vote and one test sample
+            min_size=sum(1 for f in self.splits if f > 0),  # one sample for each split a member must have
         )
         self._members = []
         for i, part in enumerate(parts):

@@ -237,12 +237,16 @@ def test_pofl_consensus_scores_each_miners_aggregate_and_every_miner_adopts_the_
 
 
 def test_pofl_without_a_passing_candidate_appends_nothing_and_miners_keep_their_candidates(tmp_path):
-    pofl, _, _ = pofl_run(tmp_path, rounds=2, threshold=1.1)
+    pofl, module, _ = pofl_run(tmp_path, rounds=2, threshold=1.1)
     assert all(r["block"] is None and r["reason"] == "no candidate passed the threshold" for r in pofl.history)
     with Ledger(tmp_path / "ledger.db") as ledger:
         assert len(ledger) == 0
     distinct = {id(s) for s in pofl.miner_states}
     assert len(distinct) > 1  # miners evolved separately
+    scores = pofl.history[-1]["scores"]
+    best = max((m for m in range(3) if scores[m] is not None), key=lambda m: scores[m])
+    for state in states(module):  # without a block, the last round's best miner model is the run's model
+        assert same_state(state, pofl.miner_states[best])
 
 
 def test_a_miner_without_clients_never_has_a_candidate(tmp_path):
@@ -303,6 +307,8 @@ def test_pofl_argument_errors():
         ProofOfLearning(miners=0)
     with pytest.raises(ValueError, match="threshold must be a finite number, got inf"):
         ProofOfLearning(threshold=math.inf)
+    with pytest.raises(ValueError, match=r"aggregator must be one of \['fedavg', 'median', 'trimmed_mean'\] \(Krum needs"):
+        ProofOfLearning(aggregator="krum")
     with pytest.raises(ValueError, match="ledger must be a path, a Ledger or None, got int"):
         ProofOfLearning(ledger=3)
     with pytest.raises(ValueError, match="assignment holds miner 5, miners are 0..2"):

@@ -226,6 +226,14 @@ def test_small_dirichlet_members_still_get_vote_and_test_samples():
     assert min(dm.member_sizes("test")) >= 1
 
 
+def test_train_only_members_need_one_sample_so_skewed_federated_partitions_load():
+    # 100 clients, alpha 0.1 (the federated example): needing 3 samples per member would refuse it
+    dm = CohortDataModule("mnist_small", num_members=100, partition="dirichlet", alpha=0.1, splits=(1.0, 0.0, 0.0))
+    dm.setup()
+    sizes = dm.member_sizes("train")
+    assert min(sizes) >= 1 and sum(sizes) == 4000 and max(sizes) > 5 * min(sizes)
+
+
 # ---------------------------------------------------------------- validation
 @pytest.mark.parametrize(
     "kwargs,field",
