@@ -18,7 +18,6 @@ multi-epoch round.
 
 from __future__ import annotations
 
-import csv
 import math
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_colearn._checks import is_int_at_least
+from lightning_colearn._io import write_csv
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.metrics.cohort import higher_is_better
 from lightning_colearn.metrics.scoring import score
@@ -235,18 +235,9 @@ class ClientRounds(Callback):
     # --------------------------------------------------------------- results
     def write_history(self, path: str | Path) -> Path:
         """Write one CSV row per round (lists joined by spaces), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fields = list(dict.fromkeys(k for r in self.history for k in r)) or ["round"]
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            writer.writeheader()
-            for r in self.history:
-                writer.writerow({k: " ".join("" if x is None else f"{x:.6g}" if isinstance(x, float) else str(x) for x in v)
-                                 if isinstance(v, list) else v for k, v in r.items()})
-        tmp.replace(path)
-        return path
+        rows = [{k: " ".join("" if x is None else f"{x:.6g}" if isinstance(x, float) else str(x) for x in v)
+                 if isinstance(v, list) else v for k, v in r.items()} for r in self.history]
+        return write_csv(path, rows, None if rows else ["round"])
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         # Without a logger, log_dir falls back to the working directory: write nothing there.

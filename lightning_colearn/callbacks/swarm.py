@@ -34,7 +34,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
 import time
 from pathlib import Path
 from typing import Any
@@ -51,6 +50,7 @@ from lightning_colearn.metrics.cohort import higher_is_better
 from lightning_colearn.metrics.scoring import score
 from lightning_colearn.module import CohortModule
 from lightning_colearn._checks import is_int_at_least
+from lightning_colearn._io import write_csv
 
 __all__ = ["ParticleSwarm"]
 
@@ -236,17 +236,10 @@ class ParticleSwarm(Callback):
     # --------------------------------------------------------------- results
     def write_history(self, path: str | Path) -> Path:
         """Write the moves as CSV (step, best, chosen, fitness, moved), atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["step", "best", "chosen", "fitness", "moved"])
-            for r in self.history:
-                writer.writerow([r["step"], r["best"], " ".join(map(str, r["chosen"])),
-                                 " ".join(f"{v:.6g}" for v in r["fitness"]), " ".join(map(str, r["moved"]))])
-        tmp.replace(path)
-        return path
+        rows = [{"step": r["step"], "best": r["best"], "chosen": " ".join(map(str, r["chosen"])),
+                 "fitness": " ".join(f"{v:.6g}" for v in r["fitness"]), "moved": " ".join(map(str, r["moved"]))}
+                for r in self.history]
+        return write_csv(path, rows, ["step", "best", "chosen", "fitness", "moved"])
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         if trainer.sanity_checking:

@@ -44,7 +44,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import time
 from pathlib import Path
@@ -57,6 +56,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_colearn._checks import is_int_at_least
+from lightning_colearn._io import write_csv
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.voting import best_voted, cast_votes, is_accepted
 from lightning_colearn.metrics.cohort import higher_is_better
@@ -372,17 +372,8 @@ class CollectiveVoting(Callback):
 
     def write_results(self, path: str | Path) -> Path:
         """Write :meth:`table` as CSV, atomically (a crash leaves the old file or the new one)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.table()
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            fields = list(dict.fromkeys(k for row in rows for k in row)) or ["round", "step", "proposer", "accepted"]
-            writer = csv.DictWriter(f, fieldnames=fields)  # rows without a field (e.g. no validation) leave it empty
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(path)
-        return path
+        return write_csv(path, rows, None if rows else ["round", "step", "proposer", "accepted"])
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         # Without a logger, log_dir falls back to the working directory: write nothing there

@@ -53,7 +53,7 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -212,22 +212,14 @@ def coordinate_median(updates: Sequence[Sequence[Tensor]]) -> list[Tensor]:
         >>> coordinate_median([[torch.tensor([1.0, 9.0])], [torch.tensor([2.0, 8.0])], [torch.tensor([1e30, 7.0])]])
         [tensor([2., 8.])]
     """
-    _check_updates(updates, "coordinate_median")
     n = len(updates)
-    out = []
-    for k, tensors in enumerate(zip(*updates)):
-        first = tensors[0]
-        if not _is_aggregated(first):
-            out.append(first.clone())
-            continue
-        _check_orderable(first, k, "coordinate_median")
-        ordered = _nan_as_inf(_stack(tensors)).sort(dim=0).values
+
+    def median(ordered: Tensor) -> Tensor:
         if n % 2:
-            median = ordered[n // 2].clone()
-        else:
-            median = (ordered[n // 2 - 1].double() + ordered[n // 2].double()) / 2
-        out.append(median.to(first.dtype))
-    return out
+            return ordered[n // 2].clone()
+        return (ordered[n // 2 - 1].double() + ordered[n // 2].double()) / 2
+
+    return _sorted_reduce(updates, "coordinate_median", median)
 
 
 @torch.no_grad()
@@ -253,18 +245,23 @@ def trimmed_mean(updates: Sequence[Sequence[Tensor]], trim_ratio: float = 0.1) -
     """
     if not 0 <= _as_real(trim_ratio) < 0.5:
         raise ValueError(f"trim_ratio must be in [0, 0.5), got {trim_ratio!r}")
-    _check_updates(updates, "trimmed_mean")
     n = len(updates)
     k = math.floor(float(trim_ratio) * n)  # trim_ratio < 0.5 keeps at least one value
+    return _sorted_reduce(updates, "trimmed_mean", lambda ordered: ordered[k : n - k].mean(dim=0, dtype=torch.float64))
+
+
+def _sorted_reduce(updates: Sequence[Sequence[Tensor]], name: str, reduce: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """Per tensor: stack the clients, sort every coordinate (NaN as +inf) and ``reduce`` over the client axis."""
+    _check_updates(updates, name)
     out = []
     for index, tensors in enumerate(zip(*updates)):
         first = tensors[0]
         if not _is_aggregated(first):
             out.append(first.clone())
             continue
-        _check_orderable(first, index, "trimmed_mean")
+        _check_orderable(first, index, name)
         ordered = _nan_as_inf(_stack(tensors)).sort(dim=0).values
-        out.append(ordered[k : n - k].mean(dim=0, dtype=torch.float64).to(first.dtype))
+        out.append(reduce(ordered).to(first.dtype))
     return out
 
 
