@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
 
 
 def fast_trainer(root=None, **kwargs) -> L.Trainer:
@@ -18,3 +21,47 @@ def fast_trainer(root=None, **kwargs) -> L.Trainer:
         default_root_dir=root,
     )
     return L.Trainer(**{**defaults, **kwargs})
+
+
+def states(module) -> list[dict[str, torch.Tensor]]:
+    """A detached copy of every member's state dict."""
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in module.cohort]
+
+
+def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Bit-for-bit equality of two state dicts."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class BNNet(nn.Module):
+    """A tiny classifier with BatchNorm buffers (running statistics)."""
+
+    num_classes = 10
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(784, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(self.fc(x.flatten(1)))))
+
+
+class Probe(Callback):
+    """Test code at round boundaries; list it before the algorithm's callback, so it acts first.
+
+    ``before(trainer, module)`` runs at every epoch start (before the algorithm starts its round);
+    ``trained(trainer, module)`` after every epoch's last batch (before the algorithm votes or aggregates).
+    """
+
+    def __init__(self, before=None, trained=None):
+        self.before, self.trained = before, trained
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if self.before:
+            self.before(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.trained and batch_idx + 1 == trainer.num_training_batches:
+            self.trained(trainer, pl_module)

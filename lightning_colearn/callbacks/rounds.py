@@ -36,7 +36,12 @@ from lightning_colearn.metrics.cohort import higher_is_better
 from lightning_colearn.metrics.scoring import score
 from lightning_colearn.module import CohortModule
 
-__all__ = ["ClientRounds"]
+__all__ = ["ClientRounds", "is_last_batch"]
+
+
+def is_last_batch(trainer: L.Trainer, batch_idx: int) -> bool:
+    """True in ``on_train_batch_end`` of the epoch's last batch (``limit_train_batches`` counted), before validation runs."""
+    return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
 
 
 class ClientRounds(Callback):
@@ -180,10 +185,7 @@ class ClientRounds(Callback):
             if c in self._remaining:
                 self._remaining[c] -= 1
         pl_module.active_members = [c for c in self._clients if self._remaining[c] > 0]
-        epoch_ends = (
-            trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-            or batch_idx + 1 >= trainer.num_training_batches
-        )
+        epoch_ends = is_last_batch(trainer, batch_idx)
         out_of_steps = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
         if epoch_ends:
             self._round_epochs += 1  # counted here, not at epoch end: the epoch's checkpoint must include it

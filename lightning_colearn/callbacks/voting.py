@@ -57,6 +57,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_colearn._checks import is_int_at_least
 from lightning_colearn._io import write_csv
+from lightning_colearn.callbacks.rounds import is_last_batch
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.voting import best_voted, cast_votes, is_accepted
 from lightning_colearn.metrics.cohort import higher_is_better
@@ -240,11 +241,7 @@ class CollectiveVoting(Callback):
             if p in self._remaining:
                 self._remaining[p] -= 1
         pl_module.active_members = [p for p in self._proposers if self._remaining[p] > 0]
-        epoch_ends = (
-            trainer.fit_loop.epoch_loop.batch_progress.is_last_batch
-            or batch_idx + 1 >= trainer.num_training_batches
-            or (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps)
-        )
+        epoch_ends = is_last_batch(trainer, batch_idx) or (trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps)
         # The vote ends the round inside the epoch, so the epoch's validation and checkpoint see its outcome.
         if not pl_module.active_members or epoch_ends:
             self.end_round(trainer, pl_module)

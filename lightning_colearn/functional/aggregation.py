@@ -323,15 +323,9 @@ def krum(
         raise ValueError(f"multi must be in [1, {n}] (the number of updates), got {multi}")
     scores = _krum_scores(updates, f)
     chosen = torch.sort(scores, stable=True).indices[:multi].tolist()
-    out = []
-    for tensors in zip(*updates):
-        first = tensors[0]
-        if not _is_aggregated(first):
-            out.append(first.clone())
-            continue
-        acc_dtype = torch.complex128 if first.is_complex() else torch.float64
-        out.append(_stack([tensors[i] for i in chosen]).to(acc_dtype).mean(dim=0).to(first.dtype))
-    return out, chosen
+    mean = fedavg([updates[i] for i in chosen])  # the plain mean of the chosen
+    # non-aggregated tensors (counters) come from the first update, as in every method
+    return [m if _is_aggregated(first) else first.clone() for m, first in zip(mean, updates[0])], chosen
 
 
 def aggregate(

@@ -8,39 +8,14 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 import lightning_colearn.callbacks.pofl as pofl_module
-from helpers import fast_trainer
+from helpers import Probe, fast_trainer, same_state, states
 from lightning_colearn import CohortDataModule, CohortModule, FederatedAveraging, ProofOfLearning
 from lightning_colearn.ledger import Ledger, LedgerError
 from lightning_colearn.metrics.scoring import score
 from lightning_colearn.models import MLP, LogisticRegression
-
-
-def states(module: CohortModule) -> list[dict[str, torch.Tensor]]:
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in module.cohort]
-
-
-def same_state(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-class Probe(Callback):
-    """Placed before the algorithm's callback: ``before(trainer, module)`` runs at every epoch start
-    (before the round's clients are drawn), ``trained(trainer, module)`` after every epoch's last batch
-    (before the algorithm aggregates)."""
-
-    def __init__(self, before=None, trained=None):
-        self.before, self.trained = before, trained
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if self.before:
-            self.before(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.trained and batch_idx + 1 == trainer.num_training_batches:
-            self.trained(trainer, pl_module)
 
 
 def clients_dm(members=6, **kwargs) -> CohortDataModule:

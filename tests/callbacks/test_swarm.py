@@ -13,25 +13,10 @@ from torch import nn
 from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 
-from helpers import fast_trainer
+from helpers import BNNet, fast_trainer, states
 from lightning_colearn import Cohort, CohortDataModule, CohortModule, ParticleSwarm
 from lightning_colearn.functional.swarm import effective_alpha, plan_moves, select_particles
 from lightning_colearn.models import MLP, ConvNet, LogisticRegression
-
-
-def states(module: CohortModule) -> list[dict[str, torch.Tensor]]:
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in module.cohort]
-
-
-class BNNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(784, 16)
-        self.bn = nn.BatchNorm1d(16)
-        self.out = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.out(torch.relu(self.bn(self.fc(x.flatten(1)))))
 
 
 # ------------------------------------------------------------------ arithmetic

@@ -9,24 +9,17 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torchmetrics import MeanSquaredError, Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_colearn.callbacks.voting as voting_module
-from helpers import fast_trainer
+import helpers
+from helpers import BNNet, fast_trainer, same_state, states
 from lightning_colearn import CohortDataModule, CohortModule, CollectiveVoting
 from lightning_colearn.metrics.scoring import score
 from lightning_colearn.models import MLP, ColearnConvNet, LogisticRegression
-
-
-def states(module: CohortModule) -> list[dict[str, torch.Tensor]]:
-    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in module.cohort]
-
-
-def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def same_nested(a, b) -> bool:
@@ -40,36 +33,12 @@ def same_nested(a, b) -> bool:
     return a == b
 
 
-class BNNet(nn.Module):
-    num_classes = 10
+def Probe(on_round_start=None, on_round_trained=None):
+    """helpers.Probe with hooks that also get the round's epoch: ``hook(epoch, trainer, module)``."""
+    def wrap(hook):
+        return None if hook is None else (lambda trainer, module: hook(trainer.current_epoch, trainer, module))
 
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(784, 16)
-        self.bn = nn.BatchNorm1d(16)
-        self.out = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.out(torch.relu(self.bn(self.fc(x.flatten(1)))))
-
-
-class Probe(Callback):
-    """Runs test code at round boundaries; placed before CollectiveVoting, so it acts first.
-
-    ``on_round_start(epoch, trainer, module)`` runs before the round's proposer is chosen;
-    ``on_round_trained(epoch, trainer, module)`` after the round's last batch, before the vote.
-    """
-
-    def __init__(self, on_round_start=None, on_round_trained=None):
-        self.on_round_start, self.on_round_trained = on_round_start, on_round_trained
-
-    def on_train_epoch_start(self, trainer, pl_module):
-        if self.on_round_start:
-            self.on_round_start(trainer.current_epoch, trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.on_round_trained and batch_idx + 1 == trainer.num_training_batches:
-            self.on_round_trained(trainer.current_epoch, trainer, pl_module)
+    return helpers.Probe(wrap(on_round_start), wrap(on_round_trained))
 
 
 def force(voting: CollectiveVoting, accept: bool, size: int) -> None:
