@@ -250,8 +250,8 @@ def plot_votes(results: list[dict], out: str | os.PathLike):
     ax.set_ylim(n - 0.5, -1.25)
     ax.set_yticks(range(n), [f"learner {j}" for j in range(n)])
     ax.set_xticks(range(len(results)), [str(r["round"]) for r in results], fontsize=7)
-    ax.set_xlabel("round (A accepted, R rejected; P proposer; green yes, red no)")
-    ax.set_title("votes")
+    ax.set_xlabel("round")
+    ax.set_title("votes: green yes, red no, P proposer\nA accepted, R rejected", fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
 
