@@ -11,6 +11,9 @@ Example:
     True
     >>> cohort.forward(torch.ones(4, 2)).shape               # outputs stacked over members
     torch.Size([3, 4, 1])
+    >>> stacked = Cohort(lambda: nn.Linear(2, 1), size=3, backend="stacked")
+    >>> stacked.stacked_parameters()[0].shape                # member i's weight is a view of row i
+    torch.Size([3, 1, 2])
 """
 
 from __future__ import annotations
@@ -23,8 +26,12 @@ from torch import Tensor, nn
 
 from lightning_colearn._checks import is_int_at_least
 from lightning_colearn.functional import arithmetic as F
+from lightning_colearn.stacked import StackedModel
 
-__all__ = ["Cohort", "MemberSpec"]
+__all__ = ["BACKENDS", "Cohort", "MemberSpec"]
+
+#: Where a cohort keeps its members' tensors (``"auto"`` is resolved by :class:`~lightning_colearn.CohortModule`).
+BACKENDS = ("loop", "stacked")
 
 #: What a cohort can be built from: a module (copied), a class or factory (called), or a list of modules.
 MemberSpec = nn.Module | Callable[[], nn.Module] | Sequence[nn.Module]
@@ -41,6 +48,15 @@ class Cohort(nn.Module):
             * a class or zero-argument factory and ``size``: ``size`` calls,
               each member initialised independently.
         size: number of members when ``members`` is not a list.
+        backend: ``"loop"`` (each member owns its tensors; members may differ)
+            or ``"stacked"`` (same-architecture members only): every parameter
+            and buffer lives in one ``[N, ...]`` tensor of a
+            :class:`~lightning_colearn.stacked.StackedModel`, member ``i``'s
+            tensors are views of row ``i``, and :meth:`stacked_forward` runs all
+            (or some) members in one call. Indexing, ``state_dict`` (same keys
+            as the loop backend) and all arithmetic work the same on both; the
+            member views do not require grad, so train a stacked cohort through
+            :meth:`stacked_forward` and :meth:`stacked_parameters`.
 
     A member's *state* is its parameters **and** buffers, in ``state_dict``
     order. Arithmetic (:meth:`average`, :meth:`weighted_sum`, :meth:`lerp`,
@@ -52,10 +68,79 @@ class Cohort(nn.Module):
     members and the first tensor that differs.
     """
 
-    def __init__(self, members: MemberSpec, size: int | None = None) -> None:
+    def __init__(self, members: MemberSpec, size: int | None = None, backend: str = "loop") -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
         self.members = nn.ModuleList(_build_members(members, size))
         _check_no_shared_tensors(self.members)
+        self.backend = backend
+        if backend == "stacked":
+            try:
+                self.check_compatible()
+            except F.CohortMismatchError as err:
+                raise F.CohortMismatchError(f"backend='stacked' needs members of one architecture: {err}") from None
+            self.__dict__["engine"] = StackedModel(self.members)  # not a submodule: state_dict keys stay the members'
+            self._tie()
+
+    # ------------------------------------------------------------ stacked
+    def _tie(self) -> None:
+        """Make every member tensor a view of its row in the engine's stacked tensors."""
+        engine: StackedModel = self.engine
+        for i, member in enumerate(self.members):
+            for name in engine.param_names:
+                member.get_parameter(name).data = engine.tensor(name).data[i]
+                member.get_parameter(name).requires_grad_(False)
+            for name in engine.buffer_names:
+                path, _, leaf = name.rpartition(".")
+                (member.get_submodule(path) if path else member)._buffers[leaf] = engine.tensor(name)[i]
+
+    def _apply(self, fn, recurse: bool = True):
+        if self.backend != "stacked":
+            return super()._apply(fn, recurse)
+        self.engine._apply(fn, recurse)  # moves the stacked tensors (parameters keep their identity) ...
+        self._tie()  # ... and the member views follow
+        return self
+
+    def train(self, mode: bool = True) -> Cohort:
+        super().train(mode)
+        if self.backend == "stacked":
+            self.engine.train(mode)
+        return self
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("backend") == "stacked":  # deepcopy/unpickle copied views and rows apart
+            self._tie()
+
+    def stacked_parameters(self) -> list[nn.Parameter]:
+        """The ``[N, ...]`` parameter leaves of a stacked cohort, in the members' ``parameters()`` order."""
+        self._require_stacked("stacked_parameters")
+        return self.engine.stacked_parameters()
+
+    def stacked_forward(self, x: Tensor, members: Sequence[int] | None = None, per_member: bool = False) -> Tensor:
+        """Outputs ``[n, B, ...]`` of ``members`` (default: all) in one call; only they are computed.
+
+        ``x`` is a batch all of them see, or with ``per_member=True`` one batch
+        per member, ``[n, B, ...]``. On first use the stacked forward is
+        checked once against the members' own ``forward`` (see
+        :meth:`StackedModel.check`).
+        """
+        self._require_stacked("stacked_forward")
+        index = None if members is None else torch.tensor(self._indices(members), device=x.device)
+        if not self.engine._checked:
+            self.engine.check(list(self.members), x if members is None or not per_member else x[:1].expand(len(self), *x.shape[1:]), per_member)
+        return self.engine(x, index=index, per_member=per_member)
+
+    def member_parameters(self, index: int) -> list[Tensor]:
+        """Member ``index``'s parameters as differentiable tensors (stacked: views of the leaves' rows)."""
+        if self.backend == "stacked":
+            return [p[self._check_index(index)] for p in self.engine.stacked_parameters()]
+        return list(self.members[self._check_index(index)].parameters())
+
+    def _require_stacked(self, what: str) -> None:
+        if self.backend != "stacked":
+            raise RuntimeError(f"Cohort.{what} needs backend='stacked'; this cohort uses backend={self.backend!r}")
 
     # ------------------------------------------------------------ container
     def __len__(self) -> int:
@@ -69,6 +154,8 @@ class Cohort(nn.Module):
 
     def forward(self, *args, **kwargs) -> Tensor:
         """Run every member on the same input and stack the outputs: ``[N, ...]``."""
+        if self.backend == "stacked" and len(args) == 1 and not kwargs:
+            return self.stacked_forward(args[0])
         return torch.stack([member(*args, **kwargs) for member in self.members])
 
     @property

@@ -51,11 +51,13 @@ from torch.optim import Optimizer
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_colearn.cohort import Cohort, MemberSpec
+from lightning_colearn.cohort import BACKENDS, Cohort, MemberSpec
+from lightning_colearn.functional import stacked as FS
 from lightning_colearn.metrics.cohort import CohortMetric
-from lightning_colearn.optim import CohortOptimizer
+from lightning_colearn.optim import STACKED_OPTIMIZERS, CohortOptimizer, StackedOptimizer
+from lightning_colearn.stacked import batched_layers
 
-__all__ = ["CohortModule"]
+__all__ = ["CohortModule", "choose_backend"]
 
 OptimizerFactory = Callable[[Iterator[nn.Parameter]], Optimizer]
 
@@ -76,6 +78,15 @@ class CohortModule(L.LightningModule):
         num_classes: classes for accuracy metrics (default: the members' ``num_classes`` attribute, if any).
         gradient_clip_val: clip each member's gradient norm to this value separately
             (Lightning's own ``gradient_clip_val`` would clip the norm over all members at once).
+        backend: ``"loop"`` (one module and one optimizer per member),
+            ``"stacked"`` (same-architecture plain modules trained as one
+            batched computation, with one :class:`~lightning_colearn.optim.StackedOptimizer`;
+            SGD, Adam and AdamW), or ``"auto"`` (:func:`choose_backend`: stacked
+            where it measured faster). Default: the cohort's own backend, or ``"loop"``.
+
+    Both backends give the same results within float tolerance for the same
+    seed (the loop is the oracle in the tests), and their checkpoints load
+    into each other.
     """
 
     def __init__(
@@ -88,22 +99,32 @@ class CohortModule(L.LightningModule):
         lr_scheduler: Callable[[Optimizer], Any] | None = None,
         num_classes: int | None = None,
         gradient_clip_val: float | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
-        self.cohort = model if isinstance(model, Cohort) else Cohort(model, size)
-        wrapped = [isinstance(m, L.LightningModule) for m in self.cohort]
+        if backend is not None and backend not in ("auto", *BACKENDS):
+            raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
+        cohort = model if isinstance(model, Cohort) else Cohort(model, size)
+        wrapped = [isinstance(m, L.LightningModule) for m in cohort]
         if any(wrapped) and not all(wrapped):
             raise TypeError("members must be all LightningModules or all plain nn.Modules, not a mix")
         self.wraps_lightning = all(wrapped)
+        if optimizer is None and not self.wraps_lightning:
+            optimizer = partial(torch.optim.Adam, lr=1e-3)
+        if backend == "auto":
+            backend = choose_backend(cohort, optimizer, self.wraps_lightning)
+        if backend == "stacked":
+            _check_stackable(cohort, optimizer, self.wraps_lightning, loss)
+        if backend is not None and backend != cohort.backend:
+            cohort = Cohort(list(cohort.members), backend=backend)
+        self.cohort = cohort
         for i, member in enumerate(self.cohort):
             if self.wraps_lightning and not member.automatic_optimization:
                 raise ValueError(
                     f"member {i} ({type(member).__name__}) uses manual optimization; CohortModule steps the members "
                     "itself and needs members whose training_step returns a loss"
                 )
-        if optimizer is None and not self.wraps_lightning:
-            optimizer = partial(torch.optim.Adam, lr=1e-3)
         if isinstance(optimizer, (list, tuple)):
             if len(optimizer) != len(self.cohort) or not all(callable(o) for o in optimizer):
                 raise TypeError(f"optimizer as a list needs one callable per member ({len(self.cohort)}), got {optimizer!r}")
@@ -148,9 +169,37 @@ class CohortModule(L.LightningModule):
     def size(self) -> int:
         return len(self.cohort)
 
+    @property
+    def stacked(self) -> bool:
+        """True when the cohort keeps its members stacked (``backend="stacked"``)."""
+        return self.cohort.backend == "stacked"
+
     def forward(self, x: Tensor) -> Tensor:
         """Every member's output on ``x``, stacked: ``[N, B, ...]``."""
         return self.cohort(x)
+
+    def member_outputs(self, x: Tensor, members: list[int] | None = None) -> list[Tensor]:
+        """The outputs of ``members`` (default: all) on one shared batch ``x``: one forward per member, or one in all."""
+        members = list(range(self.size)) if members is None else members
+        if self.stacked:
+            return list(self.cohort.stacked_forward(x, members).unbind(0))
+        return [self.cohort[i](x) for i in members]
+
+    def _member_logits(self, batch: Any, members: list[int]) -> dict[int, tuple[Tensor, Tensor]]:
+        """``{member: (logits, y)}`` through the stacked forward: one call per group of same-shaped batches."""
+        if not (isinstance(batch, Mapping) and all(isinstance(k, int) for k in batch)):
+            x, y = batch
+            return dict(zip(members, ((out, y) for out in self.cohort.stacked_forward(x, members).unbind(0))))
+        groups: dict[tuple, list[int]] = defaultdict(list)  # a member's last batch of an epoch may be shorter
+        for i in members:
+            x, y = self.member_batch(batch, i)
+            groups[(tuple(x.shape), tuple(y.shape))].append(i)
+        result = {}
+        for group in groups.values():
+            xs = torch.stack([self.member_batch(batch, i)[0] for i in group])
+            out = self.cohort.stacked_forward(xs, group, per_member=True)
+            result.update({i: (out[k], self.member_batch(batch, i)[1]) for k, i in enumerate(group)})
+        return {i: result[i] for i in members}
 
     def member_batch(self, batch: Any, member: int) -> Any:
         """Member ``member``'s part of ``batch``: ``batch[member]`` for per-member dict batches, else ``batch``."""
@@ -201,6 +250,8 @@ class CohortModule(L.LightningModule):
         Override when the losses couple the members (as :class:`~lightning_colearn.MutualLearning` does);
         override :meth:`member_training_step` to change one member's loss.
         """
+        if self.stacked and type(self).member_training_step is CohortModule.member_training_step:
+            return self._stacked_losses(batch, self._active())
         losses = {}
         for i in self._active():
             loss = self.member_training_step(i, self.member_batch(batch, i), batch_idx)
@@ -208,6 +259,22 @@ class CohortModule(L.LightningModule):
                 for term in self.loss_terms:
                     loss = loss + term(i)
                 losses[i] = loss
+        return losses
+
+    def _stacked_losses(self, batch: Any, active: list[int]) -> dict[int, Tensor]:
+        if not active:
+            return {}
+        outputs = self._member_logits(batch, active)
+        if self.loss_fn is F.cross_entropy and len({y.shape for _, y in outputs.values()}) == 1:
+            logits = torch.stack([outputs[i][0] for i in active])  # [n, B, C]: one loss call for all members
+            ys = torch.stack([outputs[i][1] for i in active])
+            per_sample = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="none")
+            values = per_sample.view(len(active), -1).mean(1)
+            losses = {i: values[k] for k, i in enumerate(active)}
+        else:
+            losses = {i: self.loss_fn(*outputs[i]) for i in active}
+        for term in self.loss_terms:
+            losses = {i: loss + term(i) for i, loss in losses.items()}
         return losses
 
     def _log_this_step(self, batch_idx: int) -> bool:
@@ -233,6 +300,11 @@ class CohortModule(L.LightningModule):
         # Runs after the precision plugin unscaled the gradients (16-mixed),
         # so the clip threshold applies to true gradient norms.
         if self.gradient_clip_val is None:
+            return
+        if self.stacked:  # per member, never one norm across members
+            grads = [p.grad for p in self.cohort.stacked_parameters() if p.grad is not None]
+            if grads:
+                FS.clip_grad_norms_(grads, self.gradient_clip_val)
             return
         for i in self.stepped_members:
             torch.nn.utils.clip_grad_norm_(self.cohort[i].parameters(), self.gradient_clip_val)
@@ -263,6 +335,12 @@ class CohortModule(L.LightningModule):
         self._log_eval("test")
 
     def _evaluate(self, stage: str, batch: Any, batch_idx: int) -> None:
+        if self.stacked:
+            for i, (logits, y) in self._member_logits(batch, list(range(self.size))).items():
+                getattr(self, f"{stage}_loss").update(i, self.loss_fn(logits, y), weight=len(y))
+                if self.num_classes is not None:
+                    getattr(self, f"{stage}_acc").update(i, logits, y)
+            return
         for i in range(self.size):
             member_batch = self.member_batch(batch, i)
             if self.wraps_lightning:
@@ -293,6 +371,11 @@ class CohortModule(L.LightningModule):
 
     # ------------------------------------------------------ wrapped modules
     def setup(self, stage: str) -> None:
+        if self.stacked and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"precision={self.trainer.precision!r} scales gradients per parameter, which the stacked backend does "
+                "not support; use precision='bf16-mixed' or '32-true', or backend='loop'"
+            )
         if self.wraps_lightning:
             for member in self.cohort:
                 member.trainer = self.trainer  # so member code may read self.trainer / self.current_epoch
@@ -340,7 +423,13 @@ class CohortModule(L.LightningModule):
             raise RuntimeError("member optimizers exist once the Trainer has called configure_optimizers (fit has started)")
         return members
 
-    def configure_optimizers(self) -> CohortOptimizer:
+    def reset_member_optimizer(self, member: int) -> None:
+        """Forget member ``member``'s optimizer state (momentum, Adam moments, step count): a fresh optimizer."""
+        self.trainer.optimizers[0].reset_member(member)
+
+    def configure_optimizers(self) -> CohortOptimizer | StackedOptimizer:
+        if self.stacked:
+            return self._configure_stacked()
         optimizers, schedulers = [], []
         for i, member in enumerate(self.cohort):
             if self.optimizer_factory is not None:
@@ -358,6 +447,18 @@ class CohortModule(L.LightningModule):
             self._load_scheduler_states(self._pending_scheduler_states)
             self._pending_scheduler_states = None
         return CohortOptimizer(optimizers)
+
+    def _configure_stacked(self) -> StackedOptimizer:
+        factories = self.optimizer_factory if isinstance(self.optimizer_factory, (list, tuple)) else [self.optimizer_factory] * self.size
+        specs = [_optimizer_spec(f) for f in factories]
+        opt = StackedOptimizer(self.cohort.stacked_parameters(), [list(m.parameters()) for m in self.cohort],
+                               specs[0][0], [kwargs for _, kwargs in specs])
+        self._schedulers = [None if self.lr_scheduler_factory is None else _scheduler_config(self.lr_scheduler_factory(m), i)
+                            for i, m in enumerate(opt.optimizers)]
+        if self._pending_scheduler_states is not None:
+            self._load_scheduler_states(self._pending_scheduler_states)
+            self._pending_scheduler_states = None
+        return opt
 
     def _step_schedulers(self, interval: str) -> None:
         counter = self.trainer.global_step if interval == "step" else self.current_epoch + 1
@@ -393,6 +494,65 @@ class CohortModule(L.LightningModule):
                 raise ValueError(f"member {i}: checkpoint and module disagree on whether it has an lr scheduler")
             if config is not None:
                 config["scheduler"].load_state_dict(state)
+
+
+#: Model classes measured faster stacked than looped, by ``bench/vectorised.py`` on a 2-core CPU at N = 12,
+#: batch 64, through CohortModule + Trainer (see the note there). What decides is the layer mix: models made of
+#: Linear (and BatchNorm) layers are dominated by per-member kernel launches and win; a cohort whose time goes
+#: into convolutions wins only where the grouped convolution beats N small ones.
+STACKED_FASTER = ("LogisticRegression", "MLP", "ConvNet", "ColearnConvNet")
+
+
+def choose_backend(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> str:
+    """``"stacked"`` when the cohort can be stacked and its model class measured faster stacked, else ``"loop"``.
+
+    Stackable: plain modules (not LightningModules) of one architecture, every
+    tensor-holding layer with a batched form, and SGD/Adam/AdamW. Faster: the
+    model class is in :data:`STACKED_FASTER` or is built only from ``nn.Linear``
+    and BatchNorm layers (the kind of model the measurements cover).
+
+    Example:
+        >>> from lightning_colearn.models import MLP
+        >>> choose_backend(Cohort(MLP, size=4), partial(torch.optim.SGD, lr=0.1), False)
+        'stacked'
+        >>> choose_backend(Cohort(MLP, size=4), partial(torch.optim.RMSprop, lr=0.1), False)
+        'loop'
+    """
+    try:
+        _check_stackable(cohort, optimizer, wraps_lightning, None)
+    except (TypeError, ValueError):
+        return "loop"
+    member = cohort[0]
+    layers = batched_layers(member)
+    if type(member).__name__ in STACKED_FASTER and type(member).__module__ == "lightning_colearn.models":
+        return "stacked"
+    linear_only = layers is not None and all(kind.__name__ in ("StackedLinear", "StackedBatchNorm") for kind in layers.values())
+    return "stacked" if linear_only else "loop"
+
+
+def _check_stackable(cohort: Cohort, optimizer: Any, wraps_lightning: bool, loss: Any) -> None:
+    if wraps_lightning:
+        raise TypeError(
+            "backend='stacked' needs plain nn.Module members; LightningModule members run their own training_step "
+            "one by one (use backend='loop')"
+        )
+    cohort.check_compatible()
+    factories = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
+    kinds = {_optimizer_spec(f)[0] for f in factories}
+    if len(kinds) > 1:
+        raise ValueError(f"backend='stacked' needs one optimizer type for all members, got {sorted(k.__name__ for k in kinds)}")
+
+
+def _optimizer_spec(factory: Any) -> tuple[type, dict[str, Any]]:
+    """``(torch optimizer class, keyword arguments)`` of ``partial(torch.optim.SGD, lr=...)`` or a bare class."""
+    if isinstance(factory, type) and factory in STACKED_OPTIMIZERS:
+        return factory, {}
+    if isinstance(factory, partial) and factory.func in STACKED_OPTIMIZERS and not factory.args:
+        return factory.func, dict(factory.keywords)
+    raise ValueError(
+        "backend='stacked' needs the optimizer as partial(torch.optim.SGD|Adam|AdamW, **kwargs) (Hydra: "
+        f"_partial_: true), got {factory!r}; use backend='loop' for other optimizers"
+    )
 
 
 def _common_attr(cohort: Cohort, name: str) -> Any:

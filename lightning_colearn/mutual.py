@@ -52,7 +52,8 @@ class MutualLearning(CohortModule):
         temperature: softening temperature T (> 0); the mimicry term is scaled by T^2.
         kl_weight: weight of the mimicry term against the cross-entropy (>= 0).
         mode: ``"kl"`` (the paper) or ``"mse"`` (MSE between logits, KD_Lib's default).
-        num_classes, lr_scheduler, gradient_clip_val: as :class:`CohortModule`.
+        num_classes, lr_scheduler, gradient_clip_val, backend: as :class:`CohortModule`
+            (``backend="stacked"`` needs students of one architecture and runs them in one forward).
 
     Training batches must be shared, ``(x, y)``: every student sees the same
     inputs (``CohortDataModule(stream="shared")``).
@@ -70,6 +71,7 @@ class MutualLearning(CohortModule):
         num_classes: int | None = None,
         lr_scheduler: Any = None,
         gradient_clip_val: float | None = None,
+        backend: str | None = None,
     ) -> None:
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
             raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
@@ -79,7 +81,7 @@ class MutualLearning(CohortModule):
             raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
         super().__init__(
             students, size, optimizer=optimizer, lr_scheduler=lr_scheduler,
-            num_classes=num_classes, gradient_clip_val=gradient_clip_val,
+            num_classes=num_classes, gradient_clip_val=gradient_clip_val, backend=backend,
         )
         if len(self.cohort) < 2:
             raise ValueError(
@@ -101,7 +103,7 @@ class MutualLearning(CohortModule):
                 "MutualLearning needs one shared batch for all students (data.stream=shared); got per-member batches"
             )
         x, y = batch
-        logits = [student(x) for student in self.cohort]  # exactly one forward per student
+        logits = self.member_outputs(x)  # exactly one forward per student (stacked: one for all)
         losses, ce, mimic = mutual_learning_losses(
             logits, y, self.temperature, self.kl_weight, self.mode, return_parts=True
         )
@@ -127,8 +129,7 @@ class MutualLearning(CohortModule):
             return super()._evaluate(stage, batch, batch_idx)
         x, y = batch
         probs = None
-        for i, student in enumerate(self.cohort):  # one forward per student serves both metrics
-            logits = student(x)
+        for i, logits in enumerate(self.member_outputs(x)):  # one forward per student serves both metrics
             getattr(self, f"{stage}_loss").update(i, self.loss_fn(logits, y), weight=len(y))
             if self.num_classes is not None:
                 getattr(self, f"{stage}_acc").update(i, logits, y)

@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["CohortOptimizer"]
+from lightning_colearn.functional import stacked as FS
+
+__all__ = ["STACKED_OPTIMIZERS", "CohortOptimizer", "StackedOptimizer"]
 
 
 class CohortOptimizer(Optimizer):
@@ -91,16 +93,7 @@ class CohortOptimizer(Optimizer):
         return {"members": [opt.state_dict() for opt in self.optimizers]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        members = state_dict.get("members") if isinstance(state_dict, dict) else None
-        if not isinstance(members, list):
-            raise ValueError(
-                "optimizer state must be a CohortOptimizer state ({'members': [...]}), "
-                f"got keys {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}"
-            )
-        if len(members) != len(self.optimizers):
-            raise ValueError(
-                f"optimizer state holds {len(members)} members but this cohort has {len(self.optimizers)}"
-            )
+        members = _member_states(state_dict, len(self.optimizers))
         # All or nothing: if member k's state does not fit, members 0..k-1 are restored.
         backups = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
         for k, (opt, member_state) in enumerate(zip(self.optimizers, members)):
@@ -111,5 +104,276 @@ class CohortOptimizer(Optimizer):
                     done.load_state_dict(backup)
                 raise ValueError(f"optimizer state of member {k} does not fit its optimizer: {err}") from err
 
+    def member_state_dict(self, i: int) -> dict[str, Any]:
+        """Member ``i``'s optimizer state (``torch.optim`` format)."""
+        return self.optimizers[i].state_dict()
+
+    def load_member_state_dict(self, i: int, state_dict: dict[str, Any]) -> None:
+        self.optimizers[i].load_state_dict(state_dict)
+
+    def reset_member(self, i: int) -> None:
+        """Forget member ``i``'s optimizer state (momentum, Adam moments and step count), as a fresh optimizer."""
+        self.optimizers[i].state.clear()
+
     def __repr__(self) -> str:
         return f"CohortOptimizer({len(self.optimizers)} x {type(self.optimizers[0]).__name__})"
+
+
+# ---------------------------------------------------------------- stacked
+#: torch optimizers the stacked backend reproduces, with the hyperparameters it reads.
+STACKED_OPTIMIZERS: dict[type, tuple[str, ...]] = {
+    torch.optim.SGD: ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"),
+    torch.optim.Adam: ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"),
+    torch.optim.AdamW: ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"),
+}
+_PER_MEMBER = ("lr", "weight_decay")  # may differ between members (schedulers change lr per member)
+
+
+class StackedOptimizer(Optimizer):
+    """SGD or Adam(W) over a stacked cohort's ``[N, ...]`` parameters, numerically each member's own optimizer.
+
+    Args:
+        stacked: the stacked parameters (leaves ``[N, ...]``).
+        members: each member's (alias) parameters, in the same order; member
+            ``i``'s param group holds them and its hyperparameters, so
+            ``param_groups[i]["lr"]`` is member ``i``'s learning rate.
+        kind: ``torch.optim.SGD``, ``Adam`` or ``AdamW``.
+        defaults: the optimizer's keyword arguments (``lr``, ``momentum``, ...).
+
+    ``step(members=[...])`` updates only those members: their rows are
+    gathered, stepped and written back, and every other member's parameters
+    and state stay bit-for-bit unchanged. ``state_dict()`` has the format of
+    :class:`CohortOptimizer` (one ``torch.optim`` state per member), so
+    checkpoints load across backends. :attr:`optimizers` are per-member views
+    (for lr schedulers and callbacks): ``state_dict``/``load_state_dict`` of
+    one member.
+
+    Example:
+        >>> w = torch.nn.Parameter(torch.ones(3, 2))            # 3 members of a 2-vector
+        >>> views = [[torch.nn.Parameter(w.data[i], requires_grad=False)] for i in range(3)]
+        >>> opt = StackedOptimizer([w], views, torch.optim.SGD, {"lr": 0.5, "momentum": 0.9})
+        >>> w.grad = torch.ones(3, 2); opt.step(members=[1]); w.data[:, 0].tolist()
+        [1.0, 0.5, 1.0]
+    """
+
+    def __init__(self, stacked: Sequence[torch.nn.Parameter], members: Sequence[Sequence[torch.Tensor]],
+                 kind: type, defaults: dict[str, Any] | Sequence[dict[str, Any]]) -> None:
+        if kind not in STACKED_OPTIMIZERS:
+            raise ValueError(
+                f"the stacked backend steps {', '.join(k.__name__ for k in STACKED_OPTIMIZERS)}; got {kind.__name__} "
+                "(use backend='loop' for other optimizers)"
+            )
+        per_member = [defaults] * len(members) if isinstance(defaults, dict) else list(defaults)
+        if len(per_member) != len(members):
+            raise ValueError(f"got {len(per_member)} optimizer settings for {len(members)} members")
+        hypers = [_stacked_hyperparameters(kind, d) for d in per_member]
+        self.kind, self.stacked = kind, list(stacked)
+        super().__init__([{"params": list(p), **h} for p, h in zip(members, hypers)], defaults=hypers[0])
+        for name in hypers[0]:
+            if name not in _PER_MEMBER:
+                self._shared(name)  # say now, not at the first step, when members disagree
+        n = len(self.param_groups)
+        self._state: dict[str, list[torch.Tensor]] = {}
+        self._has_buffer = torch.zeros(n, dtype=torch.bool)
+        self.optimizers = [_MemberOptimizer(self, i) for i in range(n)]
+
+    # Optimizer.__init__ and torch's hooks read/write .state; the real state is stacked
+    @property  # type: ignore[override]
+    def state(self) -> dict:
+        return {}
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        pass
+
+    def _shared(self, name: str) -> Any:
+        values = {repr(g[name]) for g in self.param_groups}
+        if len(values) > 1:
+            raise ValueError(
+                f"members' {self.kind.__name__} {name} differ ({sorted(values)}); the stacked backend needs one "
+                f"value for all members (only {' and '.join(_PER_MEMBER)} may differ)"
+            )
+        return self.param_groups[0][name]
+
+    def _ensure_state(self) -> None:
+        if self._state:
+            return
+        zeros = lambda: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.stacked]  # noqa: E731
+        if self.kind is torch.optim.SGD:
+            if self.param_groups[0]["momentum"] != 0:
+                self._state["momentum_buffer"] = zeros()
+        else:
+            self._state["exp_avg"], self._state["exp_avg_sq"] = zeros(), zeros()
+            if self.param_groups[0]["amsgrad"]:
+                self._state["max_exp_avg_sq"] = zeros()
+            self._state["step"] = [torch.zeros(len(self.param_groups), device=p.device) for p in self.stacked]
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None, members: Sequence[int] | None = None) -> Any:  # type: ignore[override]
+        """Run ``closure`` once, then step every member (or only ``members``) whose gradients exist."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if any(p.grad is None for p in self.stacked):
+            return loss
+        self._ensure_state()
+        n = len(self.param_groups)
+        device = self.stacked[0].device
+        rows = None if members is None or sorted(members) == list(range(n)) else torch.tensor(sorted(set(members)), device=device)
+        take = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))  # noqa: E731
+        params = [take(p.data) for p in self.stacked]
+        grads = [take(p.grad) for p in self.stacked]
+        state = {k: [take(t) for t in v] for k, v in self._state.items()}
+        picked = list(range(n)) if rows is None else rows.tolist()
+        lr = torch.tensor([self.param_groups[i]["lr"] for i in picked], dtype=torch.float64, device=device)
+        wd = torch.tensor([self.param_groups[i]["weight_decay"] for i in picked], dtype=torch.float64, device=device)
+        maximize = bool(self._shared("maximize"))
+        if self.kind is torch.optim.SGD:
+            has = self._has_buffer.to(device)
+            has_rows = has if rows is None else has.index_select(0, rows)
+            FS.sgd_step_(params, grads, state.get("momentum_buffer", []), has_rows, lr, wd,
+                         momentum=self._shared("momentum"), dampening=self._shared("dampening"),
+                         nesterov=self._shared("nesterov"), maximize=maximize)
+            if self._shared("momentum") != 0:
+                self._has_buffer[picked] = True
+        else:
+            beta1, beta2 = self._shared("betas")
+            FS.adam_step_(params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", []),
+                          state["step"], lr, wd, beta1=beta1, beta2=beta2, eps=self._shared("eps"),
+                          amsgrad=self._shared("amsgrad"), maximize=maximize,
+                          decoupled_weight_decay=bool(self._shared("decoupled_weight_decay")))
+        if rows is not None:  # gathered rows were copies: write back only the stepped members
+            for p, new in zip(self.stacked, params):
+                p.data.index_copy_(0, rows, new)
+            for key, tensors in self._state.items():
+                for full, new in zip(tensors, state[key]):
+                    full.index_copy_(0, rows, new)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.stacked:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    # ------------------------------------------------------------ member states
+    def member_state_dict(self, i: int) -> dict[str, Any]:
+        """Member ``i``'s state in ``torch.optim`` format (what its own optimizer's ``state_dict()`` would be)."""
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        started = bool(self._state) and (self.kind is not torch.optim.SGD and bool(self._state["step"][0][i] > 0)
+                                         or self.kind is torch.optim.SGD and bool(self._has_buffer[i]))
+        if started:
+            for k in range(len(self.stacked)):
+                state[k] = {key: (t[k][i].clone() if key != "step" else t[k][i].clone().cpu())
+                            for key, t in self._state.items()}
+        group = {k: copy.deepcopy(v) for k, v in self.param_groups[i].items() if k != "params"}
+        group["params"] = list(range(len(self.stacked)))
+        return {"state": state, "param_groups": [group]}
+
+    @torch.no_grad()
+    def load_member_state_dict(self, i: int, state_dict: dict[str, Any]) -> None:
+        """Load a ``torch.optim`` state (e.g. a loop cohort member's) into member ``i``; all checked before written."""
+        groups, state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or len(groups) != 1 or not isinstance(state, dict):
+            raise ValueError(f"optimizer state of member {i} must hold one param group and a state dict, got {sorted(state_dict)}")
+        k = len(self.stacked)
+        if len(groups[0].get("params", [])) != k:
+            raise ValueError(f"optimizer state of member {i} has {len(groups[0].get('params', []))} parameters, the member has {k}")
+        self._ensure_state()
+        keys = set(self._state) - ({"step"} if self.kind is torch.optim.SGD else set())
+        for idx, entry in state.items():
+            if not 0 <= int(idx) < k or set(entry) != keys:
+                raise ValueError(f"optimizer state of member {i}, parameter {idx}: expected keys {sorted(keys)}, got {sorted(entry)}")
+            for key, value in entry.items():
+                want = self._state[key][int(idx)][i]
+                if key != "step" and tuple(value.shape) != tuple(want.shape):
+                    raise ValueError(f"optimizer state of member {i}, parameter {idx}, {key!r}: shape {tuple(value.shape)}, expected {tuple(want.shape)}")
+        if state and len(state) != k:
+            raise ValueError(f"optimizer state of member {i} covers {len(state)} of its {k} parameters")
+        for key, tensors in self._state.items():
+            for idx, t in enumerate(tensors):
+                entry = state.get(idx, state.get(str(idx)))
+                t[i] = entry[key].to(t.device, t.dtype) if entry is not None else 0
+        if self.kind is torch.optim.SGD:
+            self._has_buffer[i] = bool(state)
+        self.param_groups[i].update({key: v for key, v in groups[0].items() if key != "params"})
+
+    def reset_member(self, i: int) -> None:
+        """Forget member ``i``'s optimizer state (momentum, Adam moments and step count), as a fresh optimizer."""
+        for tensors in self._state.values():
+            for t in tensors:
+                t[i] = 0
+        self._has_buffer[i] = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"members": [self.member_state_dict(i) for i in range(len(self.param_groups))]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        members = _member_states(state_dict, len(self.param_groups))
+        backup = self.state_dict()
+        for i, member_state in enumerate(members):
+            try:
+                self.load_member_state_dict(i, member_state)
+            except (ValueError, KeyError, TypeError, RuntimeError, AttributeError) as err:
+                for j, old in enumerate(backup["members"][:i]):
+                    self.load_member_state_dict(j, old)
+                raise ValueError(f"optimizer state of member {i} does not fit its optimizer: {err}") from err
+
+    def __repr__(self) -> str:
+        return f"StackedOptimizer({len(self.param_groups)} x {self.kind.__name__})"
+
+
+class _MemberOptimizer(Optimizer):
+    """One member of a :class:`StackedOptimizer`, for an lr scheduler or a callback's snapshot (cannot step alone)."""
+
+    def __init__(self, parent: StackedOptimizer, index: int) -> None:
+        self.parent, self.index = parent, index
+        self.defaults = parent.defaults
+        self._optimizer_step_pre_hooks, self._optimizer_step_post_hooks = {}, {}
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+        self.state = {}
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [self.parent.param_groups[self.index]]
+
+    def step(self, closure: Any = None) -> Any:  # pragma: no cover - a view cannot step alone
+        raise RuntimeError("a stacked cohort member's optimizer steps with the whole StackedOptimizer (step(members=[i]))")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.parent.member_state_dict(self.index)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.parent.load_member_state_dict(self.index, state_dict)
+
+
+def _stacked_hyperparameters(kind: type, kwargs: dict[str, Any]) -> dict[str, Any]:
+    probe = kind([torch.zeros(1, requires_grad=True)], **kwargs)  # torch validates the values and fills defaults
+    for flag in ("foreach", "fused", "capturable", "differentiable"):
+        if probe.defaults.get(flag):
+            raise ValueError(f"{kind.__name__}({flag}=True) has no stacked form; leave {flag} unset")
+    hyper = {k: probe.defaults[k] for k in STACKED_OPTIMIZERS[kind] if k in probe.defaults}
+    if kind is torch.optim.AdamW:
+        hyper["decoupled_weight_decay"] = True
+    if kind is not torch.optim.SGD:
+        hyper.setdefault("decoupled_weight_decay", False)
+    return hyper
+
+
+def _member_states(state_dict: Any, n: int) -> list[Any]:
+    members = state_dict.get("members") if isinstance(state_dict, dict) else None
+    if not isinstance(members, list):
+        raise ValueError(
+            "optimizer state must be a CohortOptimizer state ({'members': [...]}), "
+            f"got keys {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}"
+        )
+    if len(members) != n:
+        raise ValueError(f"optimizer state holds {len(members)} members but this cohort has {n}")
+    return members

@@ -97,7 +97,7 @@ class FederatedAveraging(ClientRounds):
             pl_module.loss_terms.remove(self._proximal)
 
     def _proximal(self, member: int) -> Tensor:
-        params = list(self._module.cohort[member].parameters())
+        params = self._module.cohort.member_parameters(member)  # differentiable on both backends
         return fedprox_term(params, self._global_params, self.mu)
 
     # ----------------------------------------------------------------- rounds

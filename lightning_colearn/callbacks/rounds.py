@@ -164,9 +164,8 @@ class ClientRounds(Callback):
             self._round_start = time.perf_counter()
             self.start_round(trainer, pl_module, self._clients)
             if self.reset_client_optimizer:
-                optimizers = pl_module.member_optimizers()
                 for c in self._clients:
-                    optimizers[c].state.clear()
+                    pl_module.reset_member_optimizer(c)
         elif not hasattr(self, "_round_start"):  # resumed in the middle of a round
             self._round_start = time.perf_counter()
         self._remaining = {c: self._budget(trainer, c) for c in self._clients}

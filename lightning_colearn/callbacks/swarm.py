@@ -229,9 +229,8 @@ class ParticleSwarm(Callback):
 
     @staticmethod
     def _reset_optimizer_state(trainer: L.Trainer, pl_module: CohortModule, members: list[int]) -> None:
-        optimizers = pl_module.member_optimizers()
         for i in members:
-            optimizers[i].state.clear()
+            pl_module.reset_member_optimizer(i)
 
     # --------------------------------------------------------------- results
     def write_history(self, path: str | Path) -> Path:
