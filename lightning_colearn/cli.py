@@ -54,6 +54,9 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, f"trainer.{key}")
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or (value < 1 and value != -1)):
             raise ConfigError(f"trainer.{key} must be an int >= 1 (or -1 for no limit), got {value!r}")
+    backend = OmegaConf.select(cfg, "cohort.backend")
+    if backend not in (None, "auto", "loop", "stacked"):
+        raise ConfigError(f"cohort.backend must be one of ['loop', 'stacked', 'auto'], got {backend!r}")
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or not math.isfinite(lr)):
         raise ConfigError(f"optimizer.lr must be a finite number > 0, got {lr!r}")
@@ -93,8 +96,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
     except (ValueError, TypeError) as err:
         raise ConfigError(f"optimizer: {err}") from err
     # the members go in positionally: CohortModule(model, ...) and MutualLearning(students, ...)
+    backend = cfg.cohort.get("backend")
+    field = "cohort.backend" if backend == "stacked" else "algorithm.module"  # what a stacked refusal is about
     module = _instantiate(
-        cfg.algorithm.module, "algorithm.module", model, size=None if members is not None else size, optimizer=optimizer
+        cfg.algorithm.module, field, model, size=None if members is not None else size, optimizer=optimizer,
+        **({"backend": backend} if backend is not None else {}),
     )
     return module, datamodule
 

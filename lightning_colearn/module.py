@@ -536,7 +536,10 @@ def _check_stackable(cohort: Cohort, optimizer: Any, wraps_lightning: bool, loss
             "backend='stacked' needs plain nn.Module members; LightningModule members run their own training_step "
             "one by one (use backend='loop')"
         )
-    cohort.check_compatible()
+    try:
+        cohort.check_compatible()
+    except ValueError as err:
+        raise type(err)(f"backend='stacked' needs members of one architecture: {err}") from None
     factories = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
     kinds = {_optimizer_spec(f)[0] for f in factories}
     if len(kinds) > 1:
