@@ -7,7 +7,8 @@ from lightning_colearn.functional import CohortMismatchError
 from lightning_colearn.ledger import Ledger, LedgerError
 from lightning_colearn.module import CohortModule
 from lightning_colearn.mutual import MutualLearning
-from lightning_colearn.optim import CohortOptimizer
+from lightning_colearn.optim import CohortOptimizer, StackedOptimizer
+from lightning_colearn.stacked import StackedModel
 
 __all__ = [
     "CollectiveVoting",
@@ -22,5 +23,7 @@ __all__ = [
     "MutualLearning",
     "ParticleSwarm",
     "ProofOfLearning",
+    "StackedModel",
+    "StackedOptimizer",
 ]
 __version__ = "0.1.0"

@@ -40,6 +40,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -286,31 +287,28 @@ class StackedModel(nn.Module):
         if self._checked:
             return
         sample = x[:, :2] if per_member else x[:2]
-        modes = [m.training for m in members]
-        was_training = self.training
-        try:
-            self.eval()
-            for m in members:
-                m.eval()
-            want = torch.stack([m(sample[i] if per_member else sample) for i, m in enumerate(members)])
-            got = self(sample, per_member=per_member)
-            if got.shape != want.shape or not torch.allclose(got.float(), want.float(), atol=atol, rtol=1e-3):
-                if self.mode == "vmap":
-                    raise RuntimeError(
-                        f"the stacked forward of {type(members[0]).__name__} does not match its members' own forward "
-                        f"(max difference {(got.float() - want.float()).abs().max():.3g}); use backend='loop'"
-                    )
+
+        def agrees() -> tuple[bool, float]:
+            want = torch.stack([m(sample[i] if per_member else sample) for i, m in enumerate(members)]).float()
+            got = self(sample, per_member=per_member).float()
+            return got.shape == want.shape and torch.allclose(got, want, atol=atol, rtol=1e-3), (got - want).abs().max().item()
+
+        # eval mode (no dropout, running statistics) and full precision (not bf16 noise) make both sides deterministic
+        with _eval_mode([self, *members]), torch.autocast(x.device.type, enabled=False):
+            ok, diff = agrees()
+            if not ok and self.mode == "batched":
                 warnings.warn(
                     f"{type(members[0]).__name__}'s forward mixes samples across the batch; the stacked cohort "
                     "runs it with torch.func.vmap instead of batched layers",
-                    stacklevel=2,
+                    stacklevel=3,
                 )
                 self._switch_to_vmap(members[0])
-                self.check(members, x, per_member, atol)
-        finally:
-            self.train(was_training)
-            for m, mode in zip(members, modes):
-                m.train(mode)
+                ok, diff = agrees()
+            if not ok:
+                raise RuntimeError(
+                    f"the stacked forward of {type(members[0]).__name__} does not match its members' own forward "
+                    f"(max difference {diff:.3g}); use backend='loop'"
+                )
         self._checked = True
 
     def _switch_to_vmap(self, member: nn.Module) -> None:
@@ -323,6 +321,18 @@ class StackedModel(nn.Module):
             else:
                 self.register_buffer(_mangle(name), t)
         self.mode = "vmap"
+
+
+@contextmanager
+def _eval_mode(modules: Sequence[nn.Module]):
+    modes = [m.training for m in modules]
+    try:
+        for m in modules:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 def _mangle(name: str) -> str:

@@ -205,6 +205,8 @@ ERROR_CASES = {  # id: (overrides, field named in the message, bad value shown i
     "fedavg_aggregator": (["algorithm=fedavg", "algorithm.aggregator=mean"], "aggregator", "'mean'"),
     "voting_one_learner": (["algorithm=voting", "cohort=single"], "algorithm.callbacks.voting", "cohort size 1"),
     "voting_no_vote_data": (["algorithm=voting", "data.splits=[0.9,0.0,0.1]"], "algorithm.callbacks.voting", "empty vote split"),
+    "backend_name": (["cohort.backend=fast"], "cohort.backend", "'fast'"),
+    "stacked_heterogeneous": (["algorithm=mutual", "cohort=heterogeneous_3", "cohort.backend=stacked"], "cohort.backend", "members 0 and 2"),
 }
 CLI_JOBS = {
     **{case: [*overrides, "trainer=debug", "hydra.run.dir={tmp}/run"] for case, (overrides, _, _) in ERROR_CASES.items()},
@@ -349,3 +351,21 @@ def test_fedavg_experiment_takes_the_aggregator_from_the_command_line(make_cfg):
     results = train(make_cfg("experiment=fedavg_mnist", "cohort.size=10", "algorithm.clients_per_round=5",
                              "algorithm.aggregator=trimmed_mean", "trainer=debug", *FEW_BATCHES, "plots=false"))
     assert 0.0 <= results["test_acc/mean"] <= 1.0
+
+
+@pytest.mark.parametrize("algorithm", ["independent", "swarm"])
+def test_stacked_backend_from_the_command_line(make_cfg, tmp_path, algorithm):
+    """cohort.backend=stacked trains the same cohort as the loop (the stacked rows hold the members)."""
+    results = {}
+    for backend in ("loop", "stacked"):
+        cfg = make_cfg(f"algorithm={algorithm}", f"cohort.backend={backend}", "trainer=debug", *FEW_BATCHES, "plots=false",
+                       out=tmp_path / backend)
+        results[backend] = train(cfg)
+    assert results["loop"].keys() == results["stacked"].keys()
+    for key, value in results["loop"].items():
+        assert math.isclose(value, results["stacked"][key], rel_tol=1e-3, abs_tol=1e-3), key
+    a = torch.load(tmp_path / "loop" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "stacked" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys()  # one checkpoint format for both backends
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)

@@ -8,7 +8,6 @@ plain CohortModule is covered elsewhere.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -88,7 +87,8 @@ def assert_same_weights(loop: CohortModule | list, stacked: CohortModule | list)
     for i, (sa, sb) in enumerate(zip(a, b)):
         assert sa.keys() == sb.keys(), i
         for k in sa:
-            torch.testing.assert_close(sb[k], sa[k], rtol=RTOL, atol=ATOL, msg=lambda m, i=i, k=k: f"member {i} {k!r}: {m}")
+            rtol, atol = (1e-9, 1e-10) if sa[k].dtype == torch.float64 else (RTOL, ATOL)
+            torch.testing.assert_close(sb[k], sa[k], rtol=rtol, atol=atol, msg=lambda m, i=i, k=k: f"member {i} {k!r}: {m}")
 
 
 def changed(r: Run) -> list[bool]:
@@ -121,32 +121,42 @@ class RoundSnapshots(Callback):
         before, opt_before = self._take(pl_module)
         self.rounds.append({"before": before, "opt_before": opt_before})
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx + 1 == trainer.num_training_batches:  # trained, before the algorithm acts (listed after us)
-            self.rounds[-1]["trained"] = states(pl_module)
-
     def on_train_epoch_end(self, trainer, pl_module):
         after, opt_after = self._take(pl_module)
         self.rounds[-1].update(after=after, opt_after=opt_after)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: the 2-core machine is shared (a busy second core makes 2-thread kernels stall)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------- ParticleSwarm
 @pytest.mark.parametrize(
-    ("model", "optimizer", "swarm_kwargs"),
+    ("model", "optimizer", "swarm_kwargs", "precision"),
     [
-        pytest.param(LogisticRegression, SGD, {}, id="sgd-keep-optimizer"),
-        pytest.param(LogisticRegression, SGD, {"reset_optimizer": True}, id="sgd-reset-optimizer"),
-        pytest.param(MLP, ADAM, {"reset_optimizer": True, "move": "all", "sigma": 0.01}, id="adam-reset-all-noise"),
-        pytest.param(BNNet, SGD, {"buffers": "copy"}, id="batchnorm-copy-buffers"),
+        pytest.param(LogisticRegression, SGD, {}, "32-true", id="sgd-keep-optimizer"),
+        pytest.param(LogisticRegression, SGD, {"reset_optimizer": True}, "32-true", id="sgd-reset-optimizer"),
+        # Adam right after a reset divides each gradient by its own magnitude (g / (|g| + eps)): where an MLP weight's
+        # gradient is a near-cancelling sum, float32 rounding of the two backends' matmuls (~1e-7) becomes a 1e-3
+        # relative difference of that step (measured: 1 of 100,352 fc1 weights off by 1.6e-5). In float64 the
+        # backends agree to 5e-13, which is what this case checks.
+        pytest.param(MLP, ADAM, {"reset_optimizer": True, "move": "all", "sigma": 0.01}, "64-true", id="adam-reset-all-noise-f64"),
+        pytest.param(BNNet, SGD, {"buffers": "copy"}, "32-true", id="batchnorm-copy-buffers"),
+        pytest.param(BNNet, SGD, {"buffers": "move", "replacement": True}, "32-true", id="batchnorm-move-buffers"),
     ],
 )
-def test_particle_swarm_same_moves_and_weights(model, optimizer, swarm_kwargs):
+def test_particle_swarm_same_moves_and_weights(model, optimizer, swarm_kwargs, precision):
     """ParticleSwarm draws, ranks and moves the same members and ends with the same weights on both backends."""
     loop, stacked = run_both(
         lambda b: CohortModule(model, size=5, optimizer=optimizer, backend=b),
         lambda: CohortDataModule("mnist_small", num_members=5, batch_size=16, max_train_samples=800),
         lambda: [ParticleSwarm(every_n_steps=2, n_particles=3, alpha=0.5, seed=1, **swarm_kwargs)],
-        max_steps=8,
+        max_steps=8, precision=precision,
     )
     history = loop.callback.history
     assert len(history) == 4 and any(r["moved"] for r in history)
@@ -175,7 +185,7 @@ def test_mutual_learning_homogeneous_students_same_weights(optimizer, mutual_kwa
         lambda: [Callback()],
         max_epochs=2,
     )
-    assert stacked.trainer.global_step == loop.trainer.global_step == 40
+    assert stacked.trainer.global_step == loop.trainer.global_step == 34  # 2 epochs of 17 shared batches
     assert all(changed(stacked))
     assert_same_weights(loop.module, stacked.module)
     assert [e for e, _ in stacked.module.loss_history] == [0, 1]
@@ -192,6 +202,18 @@ def voting_dm(members: int = 3, **kwargs: Any) -> CohortDataModule:
 def force(voting: CollectiveVoting, accept: bool, size: int) -> None:
     """Make every voter vote yes (current score below any accuracy) or no (above any)."""
     voting.current = [-1.0 if accept else 2.0] * size
+
+
+class RecordingVoting(CollectiveVoting):
+    """CollectiveVoting that keeps every round's member states just before the vote (the proposals)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.proposals: list[list[dict[str, torch.Tensor]]] = []
+
+    def end_round(self, trainer, pl_module):
+        self.proposals.append(states(pl_module))
+        return super().end_round(trainer, pl_module)
 
 
 VOTE_KEYS = ("round", "step", "proposer", "candidates", "votes", "yes", "voters", "accepted", "reason")
@@ -215,8 +237,9 @@ def assert_rejected_rounds_restore_everything(r: Run) -> int:
         if record["accepted"]:
             continue
         rejected += 1
+        proposals = r.callback.proposals[record["round"]]
         for p in record["candidates"]:  # the proposer(s) did train this round
-            assert not same_state(snap["trained"][p], snap["before"][p]), (record["round"], p)
+            assert not same_state(proposals[p], snap["before"][p]), (record["round"], p)
         for i, (before, after) in enumerate(zip(snap["before"], snap["after"])):
             assert same_state(before, after), (record["round"], i)
         for i, (before, after) in enumerate(zip(snap["opt_before"], snap["opt_after"])):
@@ -229,7 +252,7 @@ def test_collective_voting_forced_rejection_same_decisions_and_bit_for_bit_resto
     stacked round leaves every learner (weights and optimizer state) bit-for-bit unchanged."""
 
     def callbacks():
-        voting = CollectiveVoting(threshold=0.5)
+        voting = RecordingVoting(threshold=0.5)
         # rounds 0-2 accepted, round 3 (learner 0 proposes again, with momentum from round 0) rejected
         probe = helpers.Probe(before=lambda t, m: force(voting, accept=t.current_epoch < 3, size=3))
         return [probe, RoundSnapshots(), voting]
@@ -258,14 +281,14 @@ def test_collective_voting_same_votes_and_weights(optimizer, voting_kwargs):
     loop, stacked = run_both(
         lambda b: CohortModule(LogisticRegression, size=4, optimizer=optimizer, backend=b),
         lambda: voting_dm(4, max_train_samples=800, partition="dirichlet", alpha=0.5),
-        lambda: [RoundSnapshots(), CollectiveVoting(criterion=MulticlassAccuracy(num_classes=10), seed=3, **voting_kwargs)],
+        lambda: [RoundSnapshots(), RecordingVoting(criterion=MulticlassAccuracy(num_classes=10), seed=3, **voting_kwargs)],
         max_epochs=5,
     )
     results = loop.callback.results
-    assert len(results) == 5 and any(r["accepted"] for r in results)
+    assert len(results) == 5 and any(r["accepted"] for r in results)  # measured: 1 and 2 of 5 accepted
     assert_same_votes(loop, stacked)
-    assert_rejected_rounds_restore_everything(stacked)
-    assert any(changed(stacked))
+    assert assert_rejected_rounds_restore_everything(stacked) == assert_rejected_rounds_restore_everything(loop) >= 1
+    assert all(changed(stacked))
     assert_same_weights(loop.module, stacked.module)
 
 

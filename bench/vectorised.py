@@ -1,0 +1,239 @@
+"""Vectorised cohorts: the stacked backend against the loop backend and a plain PyTorch loop.
+
+What it measures
+    member-samples per second (``N * 64 * steps / seconds``) of training N
+    members (SGD, lr 0.01, batch 64 per member, per-member IID streams of the
+    embedded ``mnist_small``) for logistic regression, the 784-128-10 MLP and
+    Nytorch's ConvNet at N = 1, 4, 12, 48:
+
+    * **loop**: ``CohortModule(model, size=N, backend="loop")`` in a real Trainer;
+    * **stacked**: the same with ``backend="stacked"``;
+    * **plain**: the reference, a plain PyTorch loop over N models with one
+      ``torch.optim.SGD`` each (forward, loss, backward, step per member).
+
+    All three read the same ``CombinedLoader``, so data loading costs the same;
+    the Trainer sides include Lightning's per-step overhead. Each side runs
+    ``--warmup`` steps, then ``--steps`` timed steps (timed from the end of the
+    last warm-up step to the end of the last timed step); the three are
+    interleaved ``--repeats`` times with fresh models and the median is kept.
+
+    Peak memory: each (model, N, side) also runs alone in a fresh subprocess
+    for a few steps; its peak RSS minus the RSS it had before building the
+    models (torch imported, data loaded) is the training memory, printed per
+    member.
+
+Targets at N = 12 (stacked / plain): logistic regression >= 4x, MLP >= 1.5x,
+ConvNet >= 1.0x; stacked memory per member no more than the loop's.
+
+How to run (from the repository root, machine otherwise idle)::
+
+    .venv/bin/python bench/vectorised.py                 # full table (~5 min on 2 cores)
+    .venv/bin/python bench/vectorised.py --quick         # smoke run
+    .venv/bin/python bench/vectorised.py --models lr --sizes 12 --repeats 5
+    .venv/bin/python bench/vectorised.py --models colearn --sizes 5 12   # colearn's ConvNet (not in the default run)
+
+Member subsets: a second table times a step of 1 and 6 active members out of 12 (stacked), with the
+active rows gathered (what the backend does) against computing all 12 and masking the others out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from functools import partial
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from cohort_throughput import _batches, _quiet_lightning, _StepTimer
+from lightning_colearn import CohortDataModule, CohortModule
+from lightning_colearn import Cohort
+from lightning_colearn.models import ColearnConvNet, ConvNet, LogisticRegression, MLP
+from lightning_colearn.optim import StackedOptimizer
+
+MODELS = {"lr": LogisticRegression, "mlp": MLP, "convnet": ConvNet, "colearn": ColearnConvNet}
+TARGETS = {"lr": 4.0, "mlp": 1.5, "convnet": 1.0, "colearn": 1.0}
+BATCH, LR, TARGET_N = 64, 0.01, 12
+
+
+def make_datamodule(n: int) -> CohortDataModule:
+    return CohortDataModule("mnist_small", num_members=n, batch_size=BATCH, partition="iid", splits=(1.0, 0.0, 0.0))
+
+
+def run_trainer(model: str, n: int, backend: str, warmup: int, steps: int, seed: int = 0) -> float:
+    """Seconds for ``steps`` timed Trainer steps of a cohort on ``backend``."""
+    L.seed_everything(seed, verbose=False)
+    module = CohortModule(MODELS[model], size=n, optimizer=partial(torch.optim.SGD, lr=LR), backend=backend)
+    timer = _StepTimer(warmup, steps)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=warmup + steps,
+        max_epochs=-1, callbacks=[timer],
+    )
+    gc.collect()
+    trainer.fit(module, datamodule=make_datamodule(n))
+    if timer.t0 is None or timer.t1 is None:
+        raise RuntimeError(f"timer missed steps {warmup} / {warmup + steps} (global_step={trainer.global_step})")
+    return timer.t1 - timer.t0
+
+
+def run_plain(model: str, n: int, warmup: int, steps: int, seed: int = 0) -> float:
+    """Seconds for ``steps`` timed steps of a plain PyTorch loop over N models."""
+    L.seed_everything(seed, verbose=False)
+    models = [MODELS[model]() for _ in range(n)]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=LR) for m in models]
+    dm = make_datamodule(n)
+    dm.setup("fit")
+    batches = _batches(dm)
+
+    def step(batch) -> None:
+        for i, (m, opt) in enumerate(zip(models, optimizers)):
+            x, y = batch[i]
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+
+    for _ in range(warmup):
+        step(next(batches))
+    gc.collect()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(next(batches))
+    return time.perf_counter() - t0
+
+
+def subset_step_seconds(model: str, n: int, active: int, how: str, steps: int = 30) -> float:
+    """Seconds per training step of ``active`` of ``n`` stacked members: gathered rows ("index", what
+    the backend does) or every member computed with the inactive ones masked out ("mask")."""
+    torch.manual_seed(0)
+    cohort = Cohort(MODELS[model], size=n, backend="stacked")
+    opt = StackedOptimizer(cohort.stacked_parameters(), [list(m.parameters()) for m in cohort], torch.optim.SGD,
+                           {"lr": LR, "momentum": 0.9})
+    members = list(range(active))
+    x, y = torch.randn(n, BATCH, 1, 28, 28), torch.randint(0, 10, (n, BATCH))
+    mask = torch.zeros(n)
+    mask[members] = 1.0
+
+    def step() -> None:
+        opt.zero_grad()
+        if how == "index":
+            out = cohort.stacked_forward(x[:active], members, per_member=True)
+            loss = F.cross_entropy(out.flatten(0, 1), y[:active].flatten(), reduction="none").view(active, -1).mean(1).sum()
+            loss.backward()
+            opt.step(members=members)
+        else:
+            out = cohort.stacked_forward(x, per_member=True)
+            per_member = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none").view(n, -1).mean(1)
+            (per_member * mask).sum().backward()
+            with torch.no_grad():  # a masked step: every member computed, inactive rows put back
+                kept = [p.detach().clone() for p in cohort.stacked_parameters()]
+                opt.step()
+                for p, k in zip(cohort.stacked_parameters(), kept):
+                    p.copy_(torch.where(mask.view(-1, *[1] * (p.dim() - 1)).bool(), p, k))
+
+    for _ in range(3):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t0) / steps
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def memory_child(model: str, n: int, side: str, steps: int) -> None:
+    """In a fresh process: RSS before building the models, and the peak after a few steps (KiB, JSON on stdout)."""
+    _quiet_lightning()
+    make_datamodule(n).setup("fit")  # data loaded and torch warmed up before the baseline
+    torch.zeros(1).requires_grad_().sum().backward()
+    base = _rss_kib()
+    if side == "plain":
+        run_plain(model, n, 1, steps)
+    else:
+        run_trainer(model, n, side, 1, steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"base": base, "peak": peak}))
+
+
+def measure_memory(model: str, n: int, side: str, steps: int) -> float:
+    """Training memory in MiB of one side, from a fresh subprocess."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-child", model, str(n), side, "--steps", str(steps)],
+        check=True, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
+    ).stdout.strip().splitlines()[-1]
+    sample = json.loads(out)
+    return (sample["peak"] - sample["base"]) / 1024
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["lr", "mlp", "convnet"], choices=list(MODELS))
+    parser.add_argument("--sizes", nargs="+", type=int, default=[1, 4, 12, 48])
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default: by model and N)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--quick", action="store_true", help="smoke run: N = 1, 4; few steps; 1 repeat")
+    parser.add_argument("--memory-child", nargs=3, metavar=("MODEL", "N", "SIDE"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        model, n, side = args.memory_child
+        return memory_child(model, int(n), side, args.steps or 10)
+    if args.quick:
+        args.sizes, args.repeats, args.warmup = [1, 4], 1, 2
+    _quiet_lightning()
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {BATCH} per member, SGD lr {LR}; "
+          f"member-samples/s, median of {args.repeats}")
+    header = (f"{'model':8} {'N':>3} {'plain':>9} {'loop':>9} {'stacked':>9} {'loop/plain':>10} {'stacked/plain':>13} "
+              f"{'stacked/loop':>12}" + ("" if args.no_memory else f" {'MiB/member plain':>16} {'loop':>6} {'stacked':>7}"))
+    print(header)
+    verdicts = []
+    for model in args.models:
+        for n in args.sizes:
+            steps = args.steps or (3 if args.quick else max(10, min(200, 60_000 // (n * BATCH) // (40 if model == "convnet" else 1))))
+            times: dict[str, list[float]] = {"plain": [], "loop": [], "stacked": []}
+            for _ in range(args.repeats):
+                times["plain"].append(run_plain(model, n, args.warmup, steps))
+                times["loop"].append(run_trainer(model, n, "loop", args.warmup, steps))
+                times["stacked"].append(run_trainer(model, n, "stacked", args.warmup, steps))
+            rate = {k: n * BATCH * steps / statistics.median(v) for k, v in times.items()}
+            row = (f"{model:8} {n:>3} {rate['plain']:>9.0f} {rate['loop']:>9.0f} {rate['stacked']:>9.0f} "
+                   f"{rate['loop'] / rate['plain']:>10.2f} {rate['stacked'] / rate['plain']:>13.2f} "
+                   f"{rate['stacked'] / rate['loop']:>12.2f}")
+            if not args.no_memory:
+                mem = {side: measure_memory(model, n, side, 3 if args.quick else 10) / n for side in ("plain", "loop", "stacked")}
+                row += f" {mem['plain']:>16.2f} {mem['loop']:>6.2f} {mem['stacked']:>7.2f}"
+                if n == TARGET_N:
+                    verdicts.append(f"{model} memory per member stacked {mem['stacked']:.2f} MiB vs loop {mem['loop']:.2f} MiB -> "
+                                    f"{'met' if mem['stacked'] <= mem['loop'] * 1.05 else 'missed'}")
+            print(row, flush=True)
+            if n == TARGET_N:
+                ratio = rate["stacked"] / rate["plain"]
+                verdicts.append(f"{model} stacked/plain at N={n}: {ratio:.2f} (target >= {TARGETS[model]}) -> "
+                                f"{'met' if ratio >= TARGETS[model] else 'missed'}")
+    for v in verdicts:
+        print("target:", v)
+    if not args.quick:
+        print("\nmember subsets (stacked, N=12, SGD momentum): ms per step, gathered rows vs masked full cohort")
+        print(f"{'model':8} {'active':>6} {'index':>8} {'mask':>8} {'mask/index':>10}")
+        for model in [m for m in args.models if m in ("mlp", "convnet")]:
+            for active in (1, 6):
+                idx, msk = (subset_step_seconds(model, 12, active, how) * 1e3 for how in ("index", "mask"))
+                print(f"{model:8} {active:>6} {idx:>8.2f} {msk:>8.2f} {msk / idx:>10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
