@@ -67,8 +67,9 @@ def run(
     callbacks = make_callbacks()
     trainer = fast_trainer(**trainer_kwargs, callbacks=callbacks)
     trainer.fit(module, datamodule=make_dm())
-    optimizer = trainer.optimizers[0]
-    assert isinstance(optimizer, StackedOptimizer if backend == "stacked" else CohortOptimizer)
+    assert isinstance(trainer.optimizers[0], StackedOptimizer if backend == "stacked" else CohortOptimizer)
+    if backend == "stacked":  # the batched layers ran (no silent fallback to vmap)
+        assert module.cohort.engine.mode == "batched"
     return Run(module, callbacks[-1], trainer, init, callbacks[:-1])
 
 
@@ -340,10 +341,10 @@ def test_proof_of_learning_same_winners_blocks_and_weights(tmp_path, threshold):
         return lambda: [ProofOfLearning(miners=3, clients_per_round=4, threshold=threshold, seed=2,
                                         ledger=tmp_path / f"{backend}.db")]
 
-    loop, stacked = (
-        run(b, lambda b: CohortModule(LogisticRegression, size=9, optimizer=SGD, backend=b), lambda: clients_dm(9),
-            callbacks(b), max_epochs=3)
-        for b in BACKENDS
+    loop, stacked = (  # not run_both: each backend writes its own ledger
+        run(backend, lambda b: CohortModule(LogisticRegression, size=9, optimizer=SGD, backend=b), lambda: clients_dm(9),
+            callbacks(backend), max_epochs=3)
+        for backend in BACKENDS
     )
     assert all(same_state(a, b) for a, b in zip(loop.init, stacked.init))
     a, b = loop.callback.history, stacked.callback.history
@@ -353,7 +354,7 @@ def test_proof_of_learning_same_winners_blocks_and_weights(tmp_path, threshold):
     for ra, rb in zip(a, b):
         assert [s is None for s in rb["scores"]] == [s is None for s in ra["scores"]]
         assert [s for s in rb["scores"] if s is not None] == pytest.approx([s for s in ra["scores"] if s is not None], abs=2.5e-3)
-        assert (rb["score"] is None) == (ra["score"] is None)
+        assert rb["score"] == pytest.approx(ra["score"], abs=2.5e-3)  # None (no block) on both, or close
     blocks = [r["block"] for r in a if r["block"] is not None]
     assert blocks == ([0, 1, 2] if threshold == 0.0 else [])
     with Ledger(tmp_path / "loop.db") as la, Ledger(tmp_path / "stacked.db") as lb:
