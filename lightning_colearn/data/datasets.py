@@ -86,7 +86,9 @@ class ImageDataset(Dataset):
 
     def __getitems__(self, indices: list[int]) -> tuple[Tensor, Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[index], self.labels[index]
+        # index_select, not images[index]: advanced indexing of a [60000, 1, 28, 28] tensor took 1-8 ms
+        # for 64 rows on this CPU, index_select 0.01 ms (same values)
+        return self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
 def collate_batch(batch):

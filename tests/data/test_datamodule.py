@@ -269,3 +269,25 @@ def test_dataloader_before_setup_raises():
 def test_hyperparameters_saved():
     dm = CohortDataModule(num_members=3, partition="dirichlet", alpha=0.3, seed=7)
     assert dm.hparams.num_members == 3 and dm.hparams.alpha == 0.3 and dm.hparams.seed == 7
+
+
+@pytest.mark.parametrize("partition", [dict(partition="iid"), dict(partition="dirichlet", alpha=0.3)], ids=["iid", "dirichlet"])
+def test_gathered_member_batches_equal_one_loader_per_member(partition):
+    """The one-gather per-member stream yields exactly the batches of N member loaders cycled by a CombinedLoader."""
+    from lightning.pytorch.utilities import CombinedLoader
+
+    dm = CohortDataModule("mnist_small", num_members=5, batch_size=64, seed=3, **partition)
+    dm.setup("fit")
+    new = dm.train_dataloader()
+    old = CombinedLoader({i: dm.member_dataloader(i, "train") for i in range(5)}, mode="max_size_cycle")
+    assert len(new.flattened[0]) == max(len(d) for d in old.flattened)
+    for epoch in range(2):  # a new permutation per epoch, set the way Lightning sets it
+        for loader in (*new.flattened, *old.flattened):
+            loader.sampler.set_epoch(epoch)
+        steps = 0
+        for (a, _, _), (b, _, _) in zip(new, old):
+            assert a.keys() == b.keys()
+            for i in a:
+                assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1]), (epoch, steps, i)
+            steps += 1
+        assert steps == len(new.flattened[0])
