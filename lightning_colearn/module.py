@@ -185,21 +185,25 @@ class CohortModule(L.LightningModule):
             return list(self.cohort.stacked_forward(x, members).unbind(0))
         return [self.cohort[i](x) for i in members]
 
-    def _member_logits(self, batch: Any, members: list[int]) -> dict[int, tuple[Tensor, Tensor]]:
-        """``{member: (logits, y)}`` through the stacked forward: one call per group of same-shaped batches."""
+    def _member_logits(self, batch: Any, members: list[int]) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor | None]:
+        """``{member: (logits, y)}`` through the stacked forward (one call per group of same-shaped batches),
+        and the stacked logits ``[n, B, ...]`` when one call served every member (else None)."""
         if not (isinstance(batch, Mapping) and all(isinstance(k, int) for k in batch)):
             x, y = batch
-            return dict(zip(members, ((out, y) for out in self.cohort.stacked_forward(x, members).unbind(0))))
+            out = self.cohort.stacked_forward(x, members)
+            return dict(zip(members, ((o, y) for o in out.unbind(0)))), out
         groups: dict[tuple, list[int]] = defaultdict(list)  # a member's last batch of an epoch may be shorter
         for i in members:
             x, y = self.member_batch(batch, i)
             groups[(tuple(x.shape), tuple(y.shape))].append(i)
-        result = {}
+        result, whole = {}, None
         for group in groups.values():
-            xs = torch.stack([self.member_batch(batch, i)[0] for i in group])
+            xs = _stack_members([self.member_batch(batch, i)[0] for i in group])
             out = self.cohort.stacked_forward(xs, group, per_member=True)
+            if len(groups) == 1:
+                whole = out  # the losses use it whole: no N selects in the backward
             result.update({i: (out[k], self.member_batch(batch, i)[1]) for k, i in enumerate(group)})
-        return {i: result[i] for i in members}
+        return {i: result[i] for i in members}, whole
 
     def member_batch(self, batch: Any, member: int) -> Any:
         """Member ``member``'s part of ``batch``: ``batch[member]`` for per-member dict batches, else ``batch``."""
@@ -223,14 +227,20 @@ class CohortModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         self.stepped_members = []
+        self.__dict__.pop("_loss_vector", None)  # set again by this step's stacked losses, if any
         member_losses = self.cohort_losses(batch, batch_idx)
         if not member_losses:
             return None
         stepped = list(member_losses)
-        total = None
-        for i, loss in member_losses.items():
-            self.last_loss[i] = loss.detach().float()
-            total = loss if total is None else total + loss
+        vector = self.__dict__.pop("_loss_vector", None)
+        if vector is not None and vector[0] == stepped:  # stacked: one sum, one write (not N selects and adds)
+            total = vector[1].sum()
+            self.last_loss[stepped] = vector[1].detach().to(self.last_loss.dtype)
+        else:
+            total = None
+            for i, loss in member_losses.items():
+                self.last_loss[i] = loss.detach().float()
+                total = loss if total is None else total + loss
         # The members share no parameters (or, in MutualLearning, see each other only detached),
         # so one backward over the sum gives every member exactly its own gradient.
         self.manual_backward(total)
@@ -264,10 +274,12 @@ class CohortModule(L.LightningModule):
     def _stacked_losses(self, batch: Any, active: list[int]) -> dict[int, Tensor]:
         if not active:
             return {}
-        outputs = self._member_logits(batch, active)
+        outputs, whole = self._member_logits(batch, active)
+        values = None
         if self.loss_fn is F.cross_entropy and len({y.shape for _, y in outputs.values()}) == 1:
-            logits = torch.stack([outputs[i][0] for i in active])  # [n, B, C]: one loss call for all members
-            ys = torch.stack([outputs[i][1] for i in active])
+            # [n, B, C]: one loss call for all members
+            logits = whole if whole is not None else torch.stack([outputs[i][0] for i in active])
+            ys = _stack_members([outputs[i][1] for i in active])
             per_sample = F.cross_entropy(logits.flatten(0, 1), ys.flatten(), reduction="none")
             values = per_sample.view(len(active), -1).mean(1)
             losses = {i: values[k] for k, i in enumerate(active)}
@@ -275,6 +287,8 @@ class CohortModule(L.LightningModule):
             losses = {i: self.loss_fn(*outputs[i]) for i in active}
         for term in self.loss_terms:
             losses = {i: loss + term(i) for i, loss in losses.items()}
+        if not self.loss_terms and values is not None:
+            self.__dict__["_loss_vector"] = (list(active), values)  # training_step sums the vector itself
         return losses
 
     def _log_this_step(self, batch_idx: int) -> bool:
@@ -336,7 +350,7 @@ class CohortModule(L.LightningModule):
 
     def _evaluate(self, stage: str, batch: Any, batch_idx: int) -> None:
         if self.stacked:
-            for i, (logits, y) in self._member_logits(batch, list(range(self.size))).items():
+            for i, (logits, y) in self._member_logits(batch, list(range(self.size)))[0].items():
                 getattr(self, f"{stage}_loss").update(i, self.loss_fn(logits, y), weight=len(y))
                 if self.num_classes is not None:
                     getattr(self, f"{stage}_acc").update(i, logits, y)
@@ -556,6 +570,23 @@ def _optimizer_spec(factory: Any) -> tuple[type, dict[str, Any]]:
         "backend='stacked' needs the optimizer as partial(torch.optim.SGD|Adam|AdamW, **kwargs) (Hydra: "
         f"_partial_: true), got {factory!r}; use backend='loop' for other optimizers"
     )
+
+
+def _stack_members(tensors: list[Tensor]) -> Tensor:
+    """``torch.stack(tensors)``, without a copy when they are consecutive equal slices of one tensor.
+
+    :class:`~lightning_colearn.data.MemberBatches` gathers a step's member batches into one tensor;
+    stacking its slices again would copy every input once more.
+    """
+    first = tensors[0]
+    step = first.numel() * first.element_size()
+    if first.is_contiguous() and all(
+        t.shape == first.shape and t.is_contiguous() and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and t.data_ptr() == first.data_ptr() + k * step
+        for k, t in enumerate(tensors)
+    ):
+        return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()), first.storage_offset())
+    return torch.stack(tensors)
 
 
 def _common_attr(cohort: Cohort, name: str) -> Any:

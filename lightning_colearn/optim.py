@@ -186,6 +186,17 @@ class StackedOptimizer(Optimizer):
     def state(self, value: Any) -> None:
         pass
 
+    def _per_member_tensors(self, picked: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``lr`` and ``weight_decay`` of the picked members as float64 tensors, rebuilt only when they change."""
+        key = (tuple(picked), tuple((self.param_groups[i]["lr"], self.param_groups[i]["weight_decay"]) for i in picked), device)
+        cached = self.__dict__.get("_hyper_cache")
+        if cached is None or cached[0] != key:
+            values = torch.tensor([[self.param_groups[i]["lr"], self.param_groups[i]["weight_decay"]] for i in picked],
+                                  dtype=torch.float64, device=device)
+            cached = (key, values[:, 0], values[:, 1])
+            self.__dict__["_hyper_cache"] = cached
+        return cached[1], cached[2]
+
     def _shared(self, name: str) -> Any:
         values = {repr(g[name]) for g in self.param_groups}
         if len(values) > 1:
@@ -226,8 +237,7 @@ class StackedOptimizer(Optimizer):
         grads = [take(p.grad) for p in self.stacked]
         state = {k: [take(t) for t in v] for k, v in self._state.items()}
         picked = list(range(n)) if rows is None else rows.tolist()
-        lr = torch.tensor([self.param_groups[i]["lr"] for i in picked], dtype=torch.float64, device=device)
-        wd = torch.tensor([self.param_groups[i]["weight_decay"] for i in picked], dtype=torch.float64, device=device)
+        lr, wd = self._per_member_tensors(picked, device)
         maximize = bool(self._shared("maximize"))
         if self.kind is torch.optim.SGD:
             has = self._has_buffer.to(device)

@@ -54,10 +54,11 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class _Context:
-    """What the stacked layers of one engine share during a forward: which members run."""
+    """What the stacked layers of one engine share during a forward: which members run, and the folding."""
 
     def __init__(self) -> None:
         self.index: Tensor | None = None  # None: every member
+        self.member_major = False  # rows [N * B] (linear-only models) or [B * N] (see functional.stacked)
 
 
 class _StackedLayer(nn.Module):
@@ -79,7 +80,7 @@ class StackedLinear(_StackedLayer):
         self.bias = None if layers[0].bias is None else _stack_parameter([m.bias for m in layers])
 
     def forward(self, x: Tensor) -> Tensor:
-        return FS.linear(x, self._take(self.weight), self._take(self.bias))
+        return FS.linear(x, self._take(self.weight), self._take(self.bias), self._ctx.member_major)
 
 
 class StackedConv2d(_StackedLayer):
@@ -205,6 +206,8 @@ class StackedModel(nn.Module):
                     _set_submodule(self.net, path, stacked)
                 else:  # the member is itself a layer (e.g. a bare nn.Linear)
                     self.net = stacked
+            # linear-only models fold member-major: a per-member batch [N, B, ...] then folds without a copy
+            self._ctx.member_major = all(layer is StackedLinear for layer in layers.values())
         else:
             self._set_base(members[0])
             for name in self.param_names:
@@ -250,13 +253,17 @@ class StackedModel(nn.Module):
             index = None  # every member, in order: use the stacked tensors themselves, no gather
         if self.mode == "vmap":
             return self._vmap_forward(x, index, per_member)
-        # fold sample-major, [B * n, ...] (see functional.stacked): convolutions then need no copies
-        xs = x.transpose(0, 1) if per_member else x.unsqueeze(1).expand(x.shape[0], n, *x.shape[1:])
+        if self._ctx.member_major:  # [n * B, ...]
+            xs = x if per_member else x.unsqueeze(0).expand(n, *x.shape)
+        else:  # sample-major [B * n, ...] (see functional.stacked): convolutions then need no copies
+            xs = x.transpose(0, 1) if per_member else x.unsqueeze(1).expand(x.shape[0], n, *x.shape[1:])
         self._ctx.index = index
         try:
             out = self.net(xs.reshape(-1, *xs.shape[2:]))
         finally:
             self._ctx.index = None
+        if self._ctx.member_major:
+            return out.reshape(n, -1, *out.shape[1:])
         return out.reshape(-1, n, *out.shape[1:]).transpose(0, 1)
 
     def _vmap_forward(self, x: Tensor, index: Tensor | None, per_member: bool) -> Tensor:

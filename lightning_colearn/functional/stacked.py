@@ -1,21 +1,28 @@
 """Batched kernels for N same-shape members whose tensors are stacked as ``[N, ...]``.
 
 Nothing here knows about modules or Lightning. Layers take inputs with the
-members folded into the batch, sample-major: ``[B * N, ...]``, row
-``b * N + i`` is sample ``b`` of member ``i``. A model's own ``forward``
-(``flatten(1)``, ``relu``, pooling: anything that treats samples
-independently) then runs unchanged on all members at once, and convolutions
-and batch norms see ``[B, N * C, H, W]`` as a free view: no copies between
-layers. Optimizer
+members folded into the batch, so a model's own ``forward`` (``flatten(1)``,
+``relu``, pooling: anything that treats samples independently) runs
+unchanged on all members at once. Two foldings:
+
+* sample-major ``[B * N, ...]`` (row ``b * N + i`` is sample ``b`` of member
+  ``i``): convolutions and batch norms see ``[B, N * C, H, W]`` as a free
+  view, no copies between layers;
+* member-major ``[N * B, ...]`` (``linear(..., member_major=True)``): a
+  per-member input ``[N, B, ...]`` folds for free, best for models made of
+  linear layers only. Optimizer
 steps take lists of stacked parameters, gradients and states and give each
 member exactly the update its own ``torch.optim`` optimizer would.
 
 Example:
     >>> import torch
     >>> w, b = torch.randn(3, 2, 4), torch.randn(3, 2)      # 3 members of nn.Linear(4, 2)
-    >>> x = torch.randn(5 * 3, 4)                          # 5 samples per member, folded
+    >>> x = torch.randn(5 * 3, 4)                          # 5 samples per member, folded sample-major
     >>> out = linear(x, w, b)
     >>> torch.allclose(out[1::3], torch.nn.functional.linear(x[1::3], w[1], b[1]), atol=1e-6)
+    True
+    >>> out = linear(x, w, b, member_major=True)           # ... or member-major
+    >>> torch.allclose(out[5:10], torch.nn.functional.linear(x[5:10], w[1], b[1]), atol=1e-6)
     True
 """
 
@@ -56,10 +63,13 @@ class _Linear(torch.autograd.Function):
         return gx, gw, gb
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """``nn.Linear`` for N members: ``x`` ``[B * N, ..., in]``, ``weight`` ``[N, out, in]``, ``bias`` ``[N, out]``."""
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None, member_major: bool = False) -> Tensor:
+    """``nn.Linear`` for N members: ``x`` ``[B * N, ..., in]`` (or ``[N * B, ..., in]``), ``weight`` ``[N, out, in]``, ``bias`` ``[N, out]``."""
     n = weight.shape[0]
-    xs = x.reshape(-1, n, *x.shape[1:]).transpose(0, 1).reshape(n, -1, x.shape[-1])  # [N, B * ..., in]
+    if member_major:
+        xs = x.reshape(n, -1, x.shape[-1])  # [N, B * ..., in], a view
+    else:
+        xs = x.reshape(-1, n, *x.shape[1:]).transpose(0, 1).reshape(n, -1, x.shape[-1])
     device = x.device.type
     if torch.is_autocast_enabled(device):  # what autocast does for F.linear: every operand in its dtype
         dtype = torch.get_autocast_dtype(device)
@@ -68,6 +78,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
             out = _Linear.apply(xs, weight, bias)
     else:
         out = _Linear.apply(xs, weight, bias)
+    if member_major:
+        return out.reshape(*x.shape[:-1], out.shape[-1])
     return out.reshape(n, -1, *x.shape[1:-1], out.shape[-1]).transpose(0, 1).reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -157,9 +169,10 @@ def sgd_step_(
     of the first gradient, not at zero); ``lr``, ``weight_decay`` are ``[N]``.
     ``buffers`` may be empty when ``momentum == 0``. ``has_buffer`` is updated.
     """
+    decays = bool(weight_decay.any())
     for i, (p, g) in enumerate(zip(params, grads)):
         d = -g if maximize else g
-        d = d + _per_member(weight_decay, p) * p if bool(weight_decay.any()) else d
+        d = d + _per_member(weight_decay, p) * p if decays else d
         if momentum != 0:
             buf = buffers[i]
             started = _per_member(has_buffer, p).bool()
@@ -195,10 +208,11 @@ def adam_step_(
     voting proposer, a sampled client) keep exact bias corrections.
     ``max_exp_avg_sqs`` is used only with ``amsgrad``.
     """
+    decays = bool(weight_decay.any())
     for i, (p, g) in enumerate(zip(params, grads)):
         g = -g if maximize else g
         steps[i].add_(1)
-        if bool(weight_decay.any()):
+        if decays:
             if decoupled_weight_decay:
                 p.mul_(1 - _per_member(lr.double() * weight_decay.double(), p))
             else:
