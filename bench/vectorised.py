@@ -18,9 +18,9 @@ What it measures
     interleaved ``--repeats`` times with fresh models and the median is kept.
 
     Peak memory: each (model, N, side) also runs alone in a fresh subprocess
-    for a few steps; its peak RSS minus the RSS it had before building the
-    models (torch imported, data loaded) is the training memory, printed per
-    member.
+    for a few steps; the largest RSS seen after a training step minus the RSS
+    it had before building the models (torch imported, data loaded) is the
+    training memory, printed per member.
 
 Targets at N = 12 (stacked / plain): logistic regression >= 4x, MLP >= 1.5x,
 ConvNet >= 1.0x; stacked memory per member no more than the loop's.
@@ -42,7 +42,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -76,7 +75,20 @@ def make_datamodule(n: int) -> CohortDataModule:
     return CohortDataModule(DATA, root=root, num_members=n, batch_size=BATCH, partition="iid", splits=(1.0, 0.0, 0.0))
 
 
-def run_trainer(model: str, n: int, backend: str, warmup: int, steps: int, seed: int = 0) -> float:
+class _RssPeak(L.Callback):
+    """The largest RSS seen after any training step (KiB); ``ru_maxrss`` would also count data loading."""
+
+    peak = 0
+
+    @classmethod
+    def sample(cls) -> None:
+        cls.peak = max(cls.peak, _rss_kib())
+
+    def on_train_batch_end(self, *args) -> None:
+        self.sample()
+
+
+def run_trainer(model: str, n: int, backend: str, warmup: int, steps: int, seed: int = 0, dm: CohortDataModule | None = None) -> float:
     """Seconds for ``steps`` timed Trainer steps of a cohort on ``backend``."""
     L.seed_everything(seed, verbose=False)
     module = CohortModule(MODELS[model], size=n, optimizer=partial(torch.optim.SGD, lr=LR), backend=backend)
@@ -84,21 +96,21 @@ def run_trainer(model: str, n: int, backend: str, warmup: int, steps: int, seed:
     trainer = L.Trainer(
         accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0, max_steps=warmup + steps,
-        max_epochs=-1, callbacks=[timer],
+        max_epochs=-1, callbacks=[timer, _RssPeak()],
     )
     gc.collect()
-    trainer.fit(module, datamodule=make_datamodule(n))
+    trainer.fit(module, datamodule=dm or make_datamodule(n))
     if timer.t0 is None or timer.t1 is None:
         raise RuntimeError(f"timer missed steps {warmup} / {warmup + steps} (global_step={trainer.global_step})")
     return timer.t1 - timer.t0
 
 
-def run_plain(model: str, n: int, warmup: int, steps: int, seed: int = 0) -> float:
+def run_plain(model: str, n: int, warmup: int, steps: int, seed: int = 0, dm: CohortDataModule | None = None) -> float:
     """Seconds for ``steps`` timed steps of a plain PyTorch loop over N models."""
     L.seed_everything(seed, verbose=False)
     models = [MODELS[model]() for _ in range(n)]
     optimizers = [torch.optim.SGD(m.parameters(), lr=LR) for m in models]
-    dm = make_datamodule(n)
+    dm = dm or make_datamodule(n)
     dm.setup("fit")
     batches = _batches(dm)
 
@@ -111,11 +123,14 @@ def run_plain(model: str, n: int, warmup: int, steps: int, seed: int = 0) -> flo
 
     for _ in range(warmup):
         step(next(batches))
+        _RssPeak.sample()
     gc.collect()
     t0 = time.perf_counter()
     for _ in range(steps):
         step(next(batches))
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    _RssPeak.sample()
+    return seconds
 
 
 def subset_step_seconds(model: str, n: int, active: int, how: str, steps: int = 30) -> float:
@@ -163,15 +178,15 @@ def _rss_kib() -> int:
 def memory_child(model: str, n: int, side: str, steps: int) -> None:
     """In a fresh process: RSS before building the models, and the peak after a few steps (KiB, JSON on stdout)."""
     _quiet_lightning()
-    make_datamodule(n).setup("fit")  # data loaded and torch warmed up before the baseline
+    dm = make_datamodule(n)
+    dm.setup("fit")  # data loaded (and kept: the run reuses it) and torch warmed up before the baseline
     torch.zeros(1).requires_grad_().sum().backward()
     base = _rss_kib()
     if side == "plain":
-        run_plain(model, n, 1, steps)
+        run_plain(model, n, 1, steps, dm=dm)
     else:
-        run_trainer(model, n, side, 1, steps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"base": base, "peak": peak}))
+        run_trainer(model, n, side, 1, steps, dm=dm)
+    print(json.dumps({"base": base, "peak": _RssPeak.peak}))
 
 
 def measure_memory(model: str, n: int, side: str, steps: int) -> float:

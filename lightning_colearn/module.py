@@ -510,37 +510,63 @@ class CohortModule(L.LightningModule):
                 config["scheduler"].load_state_dict(state)
 
 
-#: Model classes measured faster stacked than looped, by ``bench/vectorised.py`` on a 2-core CPU at N = 12,
-#: batch 64, through CohortModule + Trainer (see the note there). What decides is the layer mix: models made of
-#: Linear (and BatchNorm) layers are dominated by per-member kernel launches and win; a cohort whose time goes
-#: into convolutions wins only where the grouped convolution beats N small ones.
-STACKED_FASTER = ("LogisticRegression", "MLP", "ConvNet", "ColearnConvNet")
+#: What ``backend="auto"`` stacks, from ``bench/vectorised.py`` (2-core CPU, batch 64 per member, SGD, through
+#: CohortModule + Trainer, Fashion-MNIST; stacked / loop member-samples/s):
+#:
+#: ============  ======  ======  ======  ======
+#: model          N=1     N=4    N=12    N=48
+#: ============  ======  ======  ======  ======
+#: logistic reg.  0.92    1.00    1.56    1.39
+#: MLP            0.56    1.05    1.42    1.69
+#: ConvNet        1.01    1.10    1.27    0.78
+#: ============  ======  ======  ======  ======
+#:
+#: One member gains nothing from stacking and pays for the gathers; from about 8 members on the stacked
+#: step wins, most for models made of Linear layers (per-member kernel launches dominate the loop). A
+#: grouped convolution over many members loses to N small ones (ConvNet at N = 48), so convolutional
+#: models are stacked only up to STACKED_MAX_CONV_MEMBERS.
+STACKED_MIN_MEMBERS = 8
+STACKED_MAX_CONV_MEMBERS = 16
+#: Model classes of this package measured faster stacked (within the member counts above).
+STACKED_FASTER = ("LogisticRegression", "MLP", "ConvNet")
 
 
 def choose_backend(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> str:
-    """``"stacked"`` when the cohort can be stacked and its model class measured faster stacked, else ``"loop"``.
+    """``"stacked"`` when the cohort can be stacked and measured faster stacked, else ``"loop"``.
 
     Stackable: plain modules (not LightningModules) of one architecture, every
-    tensor-holding layer with a batched form, and SGD/Adam/AdamW. Faster: the
-    model class is in :data:`STACKED_FASTER` or is built only from ``nn.Linear``
-    and BatchNorm layers (the kind of model the measurements cover).
+    tensor-holding layer with a batched form, and SGD/Adam/AdamW. Faster: at
+    least :data:`STACKED_MIN_MEMBERS` members (at most
+    :data:`STACKED_MAX_CONV_MEMBERS` with convolutions), and a model class in
+    :data:`STACKED_FASTER` or one built only from ``nn.Linear`` and BatchNorm
+    layers (the kind of model the measurements cover).
 
     Example:
         >>> from lightning_colearn.models import MLP
-        >>> choose_backend(Cohort(MLP, size=4), partial(torch.optim.SGD, lr=0.1), False)
+        >>> choose_backend(Cohort(MLP, size=12), partial(torch.optim.SGD, lr=0.1), False)
         'stacked'
-        >>> choose_backend(Cohort(MLP, size=4), partial(torch.optim.RMSprop, lr=0.1), False)
+        >>> choose_backend(Cohort(MLP, size=2), partial(torch.optim.SGD, lr=0.1), False)
+        'loop'
+        >>> choose_backend(Cohort(MLP, size=12), partial(torch.optim.RMSprop, lr=0.1), False)
+        'loop'
+        >>> from lightning_colearn.models import ConvNet
+        >>> choose_backend(Cohort(ConvNet, size=48), partial(torch.optim.SGD, lr=0.1), False)
         'loop'
     """
+    if len(cohort) < STACKED_MIN_MEMBERS:
+        return "loop"
     try:
         _check_stackable(cohort, optimizer, wraps_lightning, None)
     except (TypeError, ValueError):
         return "loop"
     member = cohort[0]
-    layers = batched_layers(member)
+    layers = batched_layers(member) or {}
+    convolutional = any(kind.__name__ == "StackedConv2d" for kind in layers.values())
+    if convolutional and len(cohort) > STACKED_MAX_CONV_MEMBERS:
+        return "loop"
     if type(member).__name__ in STACKED_FASTER and type(member).__module__ == "lightning_colearn.models":
         return "stacked"
-    linear_only = layers is not None and all(kind.__name__ in ("StackedLinear", "StackedBatchNorm") for kind in layers.values())
+    linear_only = bool(layers) and all(kind.__name__ in ("StackedLinear", "StackedBatchNorm") for kind in layers.values())
     return "stacked" if linear_only else "loop"
 
 

@@ -422,8 +422,9 @@ def test_lightning_members_refused_and_auto_falls_back():
 
     with pytest.raises(TypeError, match="plain nn.Module members"):
         CohortModule(Classifier, size=2, backend="stacked")
-    assert CohortModule(Classifier, size=2, backend="auto").cohort.backend == "loop"
-    assert CohortModule(MLP, size=2, backend="auto").cohort.backend == "stacked"
-    assert CohortModule(MLP, size=2, backend="auto", optimizer=partial(torch.optim.RMSprop, lr=0.1)).cohort.backend == "loop"
-    assert choose_backend(Cohort([MLP(), LogisticRegression()]), partial(torch.optim.SGD, lr=0.1), False) == "loop"
-    assert choose_backend(Cohort(Odd, size=2), partial(torch.optim.SGD, lr=0.1), False) == "loop"  # vmap only: not faster
+    assert CohortModule(Classifier, size=8, backend="auto").cohort.backend == "loop"
+    assert CohortModule(MLP, size=8, backend="auto").cohort.backend == "stacked"
+    assert CohortModule(MLP, size=2, backend="auto").cohort.backend == "loop"  # too few members to gain
+    assert CohortModule(MLP, size=8, backend="auto", optimizer=partial(torch.optim.RMSprop, lr=0.1)).cohort.backend == "loop"
+    assert choose_backend(Cohort([m for _ in range(4) for m in (MLP(), LogisticRegression())]), partial(torch.optim.SGD, lr=0.1), False) == "loop"
+    assert choose_backend(Cohort(Odd, size=8), partial(torch.optim.SGD, lr=0.1), False) == "loop"  # vmap only: not faster
