@@ -33,6 +33,17 @@ def same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def same_nested(a, b) -> bool:
+    """Bit-for-bit equality of nested (optimizer) state dicts."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_nested(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_nested(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 class BNNet(nn.Module):
     """A tiny classifier with BatchNorm buffers (running statistics)."""
 

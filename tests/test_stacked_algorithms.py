@@ -20,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics.classification import MulticlassAccuracy
 
 import helpers
-from helpers import BNNet, fast_trainer, same_state, states
+from helpers import BNNet, fast_trainer, same_nested, same_state, states
 from lightning_colearn import (
     CohortDataModule,
     CohortModule,
@@ -96,16 +96,6 @@ def changed(r: Run) -> list[bool]:
     """Which members' weights differ from their initial ones after fit."""
     return [not same_state(a, b) for a, b in zip(r.init, states(r.module))]
 
-
-def same_nested(a: Any, b: Any) -> bool:
-    """Bit-for-bit equality of (optimizer) state dicts."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_nested(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_nested(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 class RoundSnapshots(Callback):

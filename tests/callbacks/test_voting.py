@@ -16,21 +16,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import lightning_colearn.callbacks.voting as voting_module
 import helpers
-from helpers import BNNet, fast_trainer, same_state, states
+from helpers import BNNet, fast_trainer, same_nested, same_state, states
 from lightning_colearn import CohortDataModule, CohortModule, CollectiveVoting
 from lightning_colearn.metrics.scoring import score
 from lightning_colearn.models import MLP, ColearnConvNet, LogisticRegression
 
-
-def same_nested(a, b) -> bool:
-    """Bit-for-bit equality of (optimizer) state dicts."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(same_nested(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(same_nested(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def Probe(on_round_start=None, on_round_trained=None):
