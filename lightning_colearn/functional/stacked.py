@@ -170,15 +170,25 @@ def sgd_step_(
     ``buffers`` may be empty when ``momentum == 0``. ``has_buffer`` is updated.
     """
     decays = bool(weight_decay.any())
+    started_all, started_none = bool(has_buffer.all()), not bool(has_buffer.any())
+    same_lr = bool((lr == lr[0]).all())
     for i, (p, g) in enumerate(zip(params, grads)):
         d = -g if maximize else g
         d = d + _per_member(weight_decay, p) * p if decays else d
         if momentum != 0:
             buf = buffers[i]
-            started = _per_member(has_buffer, p).bool()
-            buf.copy_(torch.where(started, buf * momentum + d * (1 - dampening), d))
-            d = d + buf * momentum if nesterov else buf
-        p.sub_(_per_member(lr, p) * d)
+            # torch's in-place ops where every member is alike (no temporaries the size of the parameter)
+            if started_all:
+                buf.mul_(momentum).add_(d, alpha=1 - dampening)
+            elif started_none:
+                buf.copy_(d)
+            else:  # some members start their buffer now (e.g. a sampled client's first round)
+                buf.copy_(torch.where(_per_member(has_buffer, p).bool(), buf * momentum + d * (1 - dampening), d))
+            d = d.add(buf, alpha=momentum) if nesterov else buf
+        if same_lr:
+            p.add_(d, alpha=-float(lr[0]))
+        else:  # torch's tensor-lr form, fused: p - lr * d
+            p.addcmul_(_per_member(lr, p), d, value=-1)
     if momentum != 0:
         has_buffer.fill_(True)
 
@@ -226,5 +236,8 @@ def adam_step_(
         if amsgrad:
             torch.maximum(max_exp_avg_sqs[i], second, out=max_exp_avg_sqs[i])
             second = max_exp_avg_sqs[i]
-        denom = (second.sqrt() / bc2_sqrt).add_(eps)
-        p.add_((exp_avgs[i] / denom) * -step_size)
+        # torch's capturable form (bias corrections as tensors): the step size folded into the denominator,
+        # so the update is one fused addcdiv_ without temporaries the size of the parameter
+        neg_step = -step_size
+        denom = (second.sqrt() / (bc2_sqrt * neg_step)).add_(eps / neg_step)
+        p.addcdiv_(exp_avgs[i], denom)
