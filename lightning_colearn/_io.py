@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,5 +28,18 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], fields: Seque
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
+    tmp.replace(path)
+    return path
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` through a temporary file, fsync and an atomic rename; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
     return path

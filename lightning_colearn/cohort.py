@@ -19,6 +19,8 @@ Example:
 from __future__ import annotations
 
 import copy
+import hashlib
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
@@ -29,6 +31,9 @@ from lightning_colearn.functional import arithmetic as F
 from lightning_colearn.stacked import StackedModel
 
 __all__ = ["BACKENDS", "Cohort", "MemberSpec"]
+
+#: The ``format`` metadata of files written by :meth:`Cohort.save`.
+COHORT_FORMAT = "lightning_colearn.cohort/1"
 
 #: Where a cohort keeps its members' tensors (``"auto"`` is resolved by :class:`~lightning_colearn.CohortModule`).
 BACKENDS = ("loop", "stacked")
@@ -189,6 +194,10 @@ class Cohort(nn.Module):
         dtypes, and (unless ``allow_nonfinite``) no NaN/Inf. Everything is
         checked before anything is written, so a bad state changes nothing.
         """
+        own = self._check_member_state(index, state, allow_nonfinite)
+        F.copy_([list(own.values())], [state[name].to(tensor.device) for name, tensor in own.items()])
+
+    def _check_member_state(self, index: int, state: Mapping[str, Tensor], allow_nonfinite: bool) -> dict[str, Tensor]:
         member = self.members[self._check_index(index)]
         own = member.state_dict(keep_vars=True)
         if set(own) != set(state):  # any key order (safetensors returns keys sorted)
@@ -202,7 +211,86 @@ class Cohort(nn.Module):
         if not allow_nonfinite and not F.is_finite(list(state.values())):
             bad = next(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
             raise ValueError(f"state for member {index} has NaN/Inf values in {bad!r}; refusing to load it")
-        F.copy_([list(own.values())], [state[name].to(tensor.device) for name, tensor in own.items()])
+        return own
+
+    # -------------------------------------------------------------- files
+    def save(self, path: str | os.PathLike) -> str:
+        """Write every member's parameters and buffers to one safetensors file (atomically); returns its SHA-256.
+
+        Keys are ``"<member>.<name>"``. Keep the digest apart from the file
+        (as a ledger keeps its head hash) and pass it to :meth:`load` to detect
+        a changed file; :meth:`load` also checks it against a ``.sha256`` file
+        written next to the weights.
+
+        Example:
+            >>> import tempfile, os
+            >>> from torch import nn
+            >>> a, b = Cohort(lambda: nn.Linear(2, 1), size=2), Cohort(lambda: nn.Linear(2, 1), size=2)
+            >>> path = os.path.join(tempfile.mkdtemp(), "cohort.safetensors")
+            >>> sha = a.save(path); b.load(path, sha256=sha)
+            >>> torch.equal(a[1].weight, b[1].weight)
+            True
+        """
+        from safetensors.torch import save
+
+        from lightning_colearn._io import write_bytes
+
+        tensors = {f"{i}.{k}": v.detach().cpu().contiguous().clone() for i in range(len(self)) for k, v in self.member_state(i).items()}
+        data = save(tensors, metadata={"format": COHORT_FORMAT, "members": str(len(self))})
+        sha = hashlib.sha256(data).hexdigest()
+        write_bytes(path, data)
+        write_bytes(f"{os.fspath(path)}.sha256", f"{sha}\n".encode())
+        return sha
+
+    @torch.no_grad()
+    def load(self, path: str | os.PathLike, sha256: str | None = None, allow_nonfinite: bool = False) -> None:
+        """Load a file written by :meth:`save` into every member, all or nothing (safetensors, never pickle).
+
+        Refused with a clear error, before any member changes: an unreadable or
+        truncated file, a digest that differs from ``sha256`` (or from the
+        ``.sha256`` file next to it), another number of members, missing or
+        extra tensors, wrong shapes or dtypes, NaN/Inf values.
+        """
+        from safetensors.torch import load
+
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as err:
+            raise ValueError(f"cannot read cohort weights {path!r}: {err}") from err
+        sha = hashlib.sha256(data).hexdigest()
+        expected = {"argument": sha256}
+        sidecar = f"{path}.sha256"
+        if os.path.exists(sidecar):
+            with open(sidecar) as f:
+                expected["sidecar file"] = f.read().strip()
+        for source, want in expected.items():
+            if want is not None and want != sha:
+                raise ValueError(f"cohort weights {path!r} have SHA-256 {sha}, but the {source} says {want}; refusing to load them")
+        try:
+            tensors = load(data)
+            from safetensors import safe_open  # metadata lives in the header
+
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception as err:  # safetensors raises its own error types for corrupt or truncated bytes
+            raise ValueError(f"cohort weights {path!r} are not a readable safetensors file: {err}") from err
+        if metadata.get("format") != COHORT_FORMAT or metadata.get("members") != str(len(self)):
+            raise ValueError(
+                f"cohort weights {path!r} hold format {metadata.get('format')!r} with {metadata.get('members')} members; "
+                f"this cohort needs format {COHORT_FORMAT!r} with {len(self)} members"
+            )
+        states: list[dict[str, Tensor]] = [{} for _ in range(len(self))]
+        for key, tensor in tensors.items():
+            member, _, name = key.partition(".")
+            if not member.isdigit() or int(member) >= len(self):
+                raise ValueError(f"cohort weights {path!r} hold {key!r}, which belongs to no member of this cohort")
+            states[int(member)][name] = tensor
+        for i, state in enumerate(states):  # check every member before writing any
+            self._check_member_state(i, state, allow_nonfinite)
+        for i, state in enumerate(states):
+            self.load_member_state(i, state, allow_nonfinite)
 
     # ------------------------------------------------------------ arithmetic
     @torch.no_grad()
