@@ -65,6 +65,22 @@ def validate_config(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path must be null, 'last' or an existing checkpoint file, got {ckpt!r}")
 
 
+def _check_checkpoint(ckpt: Any, out: Path) -> None:
+    """A checkpoint to resume from must load (weights only, no pickle code); say so in one line, not a traceback."""
+    if ckpt is None:
+        return
+    path = out / "checkpoints" / "last.ckpt" if ckpt == "last" else Path(str(ckpt))
+    if ckpt == "last" and not path.exists():
+        return  # Lightning warns and starts from scratch: nothing to resume yet
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a checkpoint, pickled code: all unreadable for our purpose
+        raise ConfigError(
+            f"ckpt_path: {str(path)!r} is not a readable checkpoint ({str(err).splitlines()[0]}); "
+            "nothing was changed: restore the file, pick an older one, or start a new run"
+        ) from err
+
+
 def _int_field(cfg: DictConfig, key: str, minimum: int) -> int:
     value = OmegaConf.select(cfg, key)
     if not is_int_at_least(value, minimum):
@@ -131,6 +147,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, default_root_dir=str(out))
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
+    _check_checkpoint(cfg.get("ckpt_path"), out)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     results: dict[str, float] = {}
     if cfg.get("test", True):

@@ -369,3 +369,14 @@ def test_stacked_backend_from_the_command_line(make_cfg, tmp_path, algorithm):
     assert a.keys() == b.keys()  # one checkpoint format for both backends
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-4)
+
+
+def test_corrupt_checkpoint_is_one_clear_error_and_stays_as_it_was(make_cfg, tmp_path):
+    """Resuming from a truncated checkpoint is a one-line ConfigError naming the file; the file is not touched."""
+    train(make_cfg("trainer=debug", *FEW_BATCHES, "plots=false", "test=false"))
+    last = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ConfigError, match=r"ckpt_path: '.*last.ckpt' is not a readable checkpoint \(.*\); nothing was changed"):
+        train(make_cfg("trainer=debug", *FEW_BATCHES, "plots=false", "test=false", "ckpt_path=last"))
+    assert last.read_bytes() == data[: len(data) // 2]
