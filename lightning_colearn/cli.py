@@ -28,9 +28,9 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from lightning_colearn.callbacks.checkpoint import EpochCheckpoint
 from lightning_colearn.data.datasets import DatasetNotFoundError
 from lightning_colearn._checks import is_int_at_least
 
@@ -142,7 +142,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"algorithm.callbacks.{name}: {err}") from err
         callbacks.append(callback)
-    callbacks.append(ModelCheckpoint(dirpath=out / "checkpoints", save_last=True, save_top_k=0))
+    callbacks.append(EpochCheckpoint(out / "checkpoints"))  # last.ckpt after every epoch: kills resume from there
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
     trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, default_root_dir=str(out))
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)

@@ -77,7 +77,7 @@ def _shown(value) -> list[str]:
     return forms
 
 
-@settings(max_examples=40, deadline=60_000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=60_000, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(algorithm=ALGORITHMS, field=st.sampled_from(sorted(FIELDS)), data=st.data())
 def test_any_config_starts_or_names_the_field(algorithm, field, data):
     """A random config either trains or raises one ConfigError naming a drawn field and its value."""

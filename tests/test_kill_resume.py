@@ -11,12 +11,16 @@ ledger (its blocks, without their wall-clock ``time``/``hash``), and no
 
 Every run has ``OMP_NUM_THREADS=1`` (the same thread count, so the same
 floating-point reductions). The runs start in a module fixture, at most two
-processes at a time, and the tests read their results.
+processes at a time, and the tests read their results. The uninterrupted runs
+of algorithms that take the same extra overrides are the jobs of one
+``colearn -m`` (one process instead of one per run: each start imports torch
+and Lightning); the tests check each job composed the killed run's config.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import random
 import shutil
@@ -29,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lightning_colearn.ledger import Ledger
 
@@ -37,7 +42,8 @@ pytestmark = pytest.mark.slow
 COLEARN = Path(sys.executable).with_name("colearn")
 ALGORITHMS = ("independent", "swarm", "mutual", "voting", "fedavg", "pofl")
 BACKENDS = ("loop", "stacked")
-EPOCHS, BATCHES = 6, 4  # a checkpoint per epoch: the kill lands before one of the last five
+EPOCHS, BATCHES = 6, 4  # after the first epoch-end checkpoint five epochs remain for the kill to land in
+FINAL_STEP = EPOCHS * BATCHES  # one optimizer step per batch
 SMALL = [
     "trainer=debug",
     f"trainer.max_epochs={EPOCHS}",
@@ -70,15 +76,6 @@ RESULTS_CSV = {
 KILL_DELAYS = (0.5, 0.1, 0.0)  # upper bounds of the random delay, one per attempt (a run that finished first is retried)
 TIMEOUT = 600.0
 
-# Lightning >= 2.6 writes last.ckpt for ModelCheckpoint(save_last=True) only when a top-k checkpoint is saved
-# at the same step, or at train end; cli.py passes save_top_k=0, so the only checkpoint is the final one.
-NO_MID_RUN_CHECKPOINT = pytest.mark.xfail(
-    strict=True,
-    reason="cli.py's ModelCheckpoint(save_last=True, save_top_k=0) writes last.ckpt only at train end under "
-    "Lightning 2.6 (no epoch-end checkpoint), so a kill after the first checkpoint never interrupts training",
-)
-
-
 def _cases(marks_for=None) -> list:
     return [
         pytest.param(a, b, marks=marks_for(a, b) if marks_for else (), id=f"{a}-{b}")
@@ -101,25 +98,41 @@ def _run(args: list[str], run: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=TIMEOUT)
 
 
+def _multirun(algorithms: list[str], backends: list[str], sweep: Path) -> subprocess.CompletedProcess:
+    """The uninterrupted runs of algorithms that share their extra overrides: one ``colearn -m``, a job per case.
+
+    Each job composes exactly the config a single ``colearn <overrides>`` run does (the tests check the saved
+    config.yaml), in ``<sweep>/<algorithm>-<backend>``; one process saves importing torch and Lightning per run.
+    """
+    extra = PER_ALGORITHM[algorithms[0]]
+    args = ["-m", f"algorithm={','.join(algorithms)}", f"cohort.backend={','.join(backends)}", *SMALL, *extra,
+            f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=${algorithm.name}-${cohort.backend}"]
+    sweep.parent.mkdir(parents=True, exist_ok=True)
+    return subprocess.run([str(COLEARN), *args], cwd=sweep.parent, env=_env(), capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
 @dataclass
 class Kill:
-    """What happened to the run that was killed (the last attempt, and how many it took)."""
+    """What happened to the run that was killed (its last attempt, and how many it took)."""
 
     returncode: int | None = None
     attempts: int = 0
     delay: float = 0.0
-    output: str = ""
+    first_step: int | None = None  # global_step of the first checkpoint seen
     step: int | None = None  # global_step of the checkpoint the resumed run starts from
-    finished_first: list[float] = field(default_factory=list)  # delays of attempts that ended before the kill
+    retried: list[str] = field(default_factory=list)  # why earlier attempts were not kept
+    output: str = ""
 
 
 def _kill_after_first_checkpoint(args: list[str], run: Path, rng: random.Random) -> Kill:
-    """Start ``colearn``, wait for ``last.ckpt``, sleep a random delay, SIGKILL; retry sooner if it finished first."""
+    """Start ``colearn``, wait for ``last.ckpt``, sleep a random delay, SIGKILL; retry sooner if that came too late."""
     kill = Kill()
     for max_delay in KILL_DELAYS:
         shutil.rmtree(run, ignore_errors=True)
         kill.attempts += 1
         kill.delay = rng.uniform(0.0, max_delay)
+        kill.first_step = kill.step = None
         log = run.with_name(run.name + ".log")
         with open(log, "w") as out:
             proc = subprocess.Popen([str(COLEARN), *args, f"hydra.run.dir={run}"], cwd=run.parent, env=_env(),
@@ -129,7 +142,9 @@ def _kill_after_first_checkpoint(args: list[str], run: Path, rng: random.Random)
             while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             if ckpt.exists():
-                time.sleep(kill.delay)
+                seen = time.monotonic()
+                kill.first_step = torch.load(ckpt, weights_only=True)["global_step"]  # written atomically
+                time.sleep(max(0.0, kill.delay - (time.monotonic() - seen)))
             proc.kill()  # SIGKILL (nothing if it already exited)
             kill.returncode = proc.wait()
         finally:
@@ -137,18 +152,21 @@ def _kill_after_first_checkpoint(args: list[str], run: Path, rng: random.Random)
                 proc.kill()
                 proc.wait()
         kill.output = log.read_text()
-        if kill.returncode != 0:
+        if kill.returncode == -9 and ckpt.exists():
+            kill.step = torch.load(ckpt, weights_only=True)["global_step"]
+        if kill.returncode == 0:
+            kill.retried.append(f"finished before the kill (delay {kill.delay:.3f} s)")
+        elif kill.step == FINAL_STEP and kill.first_step is not None and kill.first_step < FINAL_STEP:
+            # there were earlier checkpoints, but the kill came after training: no resume from mid-run was tested
+            kill.retried.append(f"killed after training ended (delay {kill.delay:.3f} s)")
+        else:
             break
-        kill.finished_first.append(kill.delay)  # it ended before the kill: no kill was tested, try sooner
-    if kill.returncode == -9:
-        kill.step = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
     return kill
 
 
 @dataclass
 class Case:
     killed: Kill
-    resumed: subprocess.CompletedProcess | None
     run: Path  # killed, then resumed in place
     straight: Path  # the uninterrupted run
 
@@ -156,14 +174,18 @@ class Case:
 def _kill_and_resume(algorithm: str, backend: str, tmp: Path) -> tuple[Kill, subprocess.CompletedProcess | None]:
     args = _overrides(algorithm, backend)
     killed = _kill_after_first_checkpoint(args, tmp / "run", random.Random(f"kill-resume:{algorithm}:{backend}"))
+    (tmp / "kill.json").write_text(json.dumps({k: v for k, v in vars(killed).items() if k != "output"}, indent=1))
     if killed.returncode != -9:
         return killed, None
     return killed, _run([*args, "ckpt_path=last"], tmp / "run")  # the documented resume
 
 
 @pytest.fixture(scope="module")
-def runs(request, tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Future, Future]]:
-    """Start the kill/resume and uninterrupted runs of the selected cases, two processes at a time."""
+def runs(request, tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Future, Path, Future]]:
+    """Start the kill/resume and the uninterrupted runs of the selected cases, two processes at a time.
+
+    ``{(algorithm, backend): (case dir, kill/resume future, uninterrupted run dir, its multirun's future)}``.
+    """
     wanted = []
     for item in request.session.items:  # the cases of the tests selected in this session (-k, node ids)
         callspec = getattr(item, "callspec", None)
@@ -171,37 +193,53 @@ def runs(request, tmp_path_factory) -> dict[tuple[str, str], tuple[Path, Future,
             case = (callspec.params["algorithm"], callspec.params["backend"])
             if case not in wanted:
                 wanted.append(case)
-    jobs = {}
+    groups: dict[tuple[str, ...], list[tuple[str, str]]] = {}  # algorithms with the same extra overrides
+    for algorithm, backend in wanted:
+        groups.setdefault(tuple(PER_ALGORITHM[algorithm]), []).append((algorithm, backend))
+    root = tmp_path_factory.mktemp("kill_resume")
+    jobs, multiruns = {}, {}
     with ThreadPoolExecutor(max_workers=2) as pool:  # each job runs one process at a time
         for algorithm, backend in wanted:
-            tmp = tmp_path_factory.mktemp(f"{algorithm}-{backend}")
+            tmp = root / f"{algorithm}-{backend}"
+            tmp.mkdir()
             kill_resume = pool.submit(_kill_and_resume, algorithm, backend, tmp)
-            straight = pool.submit(_run, _overrides(algorithm, backend), tmp / "straight")
-            jobs[algorithm, backend] = (tmp, kill_resume, straight)
+            key = tuple(PER_ALGORITHM[algorithm])
+            if key not in multiruns:
+                cases = groups[key]
+                sweep = root / "straight" / str(len(multiruns))
+                algorithms, backends = list(dict.fromkeys(a for a, _ in cases)), list(dict.fromkeys(b for _, b in cases))
+                multiruns[key] = (sweep, pool.submit(_multirun, algorithms, backends, sweep))
+            sweep, straight = multiruns[key]
+            jobs[algorithm, backend] = (tmp, kill_resume, sweep / f"{algorithm}-{backend}", straight)
         yield jobs
-        for _, *futures in jobs.values():
-            for future in futures:
-                future.cancel()
+        for _, kill_resume, _, straight in jobs.values():
+            kill_resume.cancel()
+            straight.cancel()
 
 
 def _case(runs, algorithm: str, backend: str) -> Case:
     """The finished runs of a case; fails unless the kill was real and both later runs succeeded."""
-    tmp, kill_resume, straight = runs[algorithm, backend]
+    tmp, kill_resume, straight_dir, straight = runs[algorithm, backend]
     killed, resumed = kill_resume.result()
     assert killed.returncode == -9, (
-        f"the run was not killed (return code {killed.returncode}, {killed.attempts} attempts, "
-        f"finished before the kill with delays {killed.finished_first}):\n{killed.output[-3000:]}"
+        f"the run was not killed (return code {killed.returncode} after {killed.attempts} attempts: "
+        f"{killed.retried}):\n{killed.output[-3000:]}"
     )
     assert resumed is not None and resumed.returncode == 0, f"resume failed:\n{resumed.stdout[-2000:]}{resumed.stderr[-3000:]}"
     done = straight.result()
-    assert done.returncode == 0, f"uninterrupted run failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
-    return Case(killed, resumed, tmp / "run", tmp / "straight")
+    assert done.returncode == 0, f"uninterrupted runs failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}"
+    return Case(killed, tmp / "run", straight_dir)
 
 
 def _last_log_dir(run: Path) -> Path:
     versions = sorted((run / "logs").glob("version_*"), key=lambda p: int(p.name[len("version_"):]))
     assert versions, f"no logs/version_* under {run}"
     return versions[-1]
+
+
+def _config(run: Path) -> dict:
+    """The run's saved (resolved) config.yaml, with the run dir written as ``RUN``."""
+    return yaml.safe_load((run / "config.yaml").read_text().replace(str(run), "RUN"))
 
 
 def _decision_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -224,17 +262,21 @@ def _blocks(ledger: Ledger) -> list[tuple]:
 def test_run_is_killed_and_resumes(runs, algorithm, backend):
     """The run dies of SIGKILL after a checkpoint, and the documented resume then succeeds from it."""
     case = _case(runs, algorithm, backend)
-    assert case.killed.step is not None and case.killed.step > 0
+    assert case.killed.step is not None and case.killed.step > 0, "killed before its first checkpoint"
     assert (case.run / "logs" / "version_1").is_dir(), "the resumed run logs into the next version"
     assert sorted(p.name for p in (case.run / "checkpoints").iterdir()) == ["last.ckpt"]
+    # the uninterrupted run (a job of a multirun) composed the same config, apart from its dir and the resume
+    resumed, straight = (_config(run) for run in (case.run, case.straight))
+    assert resumed.pop("ckpt_path") == "last" and straight.pop("ckpt_path") is None
+    assert resumed == straight
 
 
-@pytest.mark.parametrize(("algorithm", "backend"), _cases(lambda a, b: NO_MID_RUN_CHECKPOINT))
+@pytest.mark.parametrize(("algorithm", "backend"), _cases())
 def test_kill_interrupts_training(runs, algorithm, backend):
     """The kill lands mid-run: the checkpoint the resume starts from is before the last optimizer step."""
     case = _case(runs, algorithm, backend)
     final = torch.load(case.straight / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
-    assert final == EPOCHS * BATCHES
+    assert final == FINAL_STEP
     assert case.killed.step < final, (
         f"killed after the checkpoint at step {case.killed.step} of {final} (delay {case.killed.delay:.3f} s, "
         f"attempt {case.killed.attempts}): the resumed run had nothing left to train"

@@ -42,6 +42,7 @@ from typing import Any
 import math
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_colearn.callbacks.federated import sample_counts
@@ -222,7 +223,9 @@ class ProofOfLearning(ClientRounds):
                     f"ledger block {index} (round {existing.round}, winner {existing.winner}) differs from this run's "
                     f"replay of round {self.round} (winner {winner}); the ledger belongs to another run"
                 )
-            return existing, "block already on the chain (replayed after a crash)"
+            # the same record as the run that was not interrupted would write; the replay is only logged
+            rank_zero_info(f"ProofOfLearning: round {self.round}'s block {index} was appended before a crash; not appended again")
+            return existing, "block appended"
         try:
             ledger.validate(block, data, rescore=self._rescorer(trainer, pl_module), tol=self.tolerance)
         except LedgerError as err:
