@@ -37,7 +37,7 @@ class RoundRss(L.Callback):
         self.rss.append(rss_mib())
 
 
-@pytest.mark.parametrize("backend", ["stacked"])  # the loop backend runs the same rounds in bench/reliability.py's kills
+@pytest.mark.parametrize("backend", ["stacked"])  # a leak per round would show on either backend; one keeps the suite short
 def test_64_logistic_regressions_federated_50_rounds_flat_memory(backend):
     """64 clients, 16 sampled per round, 50 FedAvg rounds: every round runs and RSS does not grow."""
     L.seed_everything(0, verbose=False)
