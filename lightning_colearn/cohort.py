@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -235,7 +236,7 @@ class Cohort(nn.Module):
 
         from lightning_colearn._io import write_bytes
 
-        tensors = {f"{i}.{k}": v.detach().cpu().contiguous().clone() for i in range(len(self)) for k, v in self.member_state(i).items()}
+        tensors = {f"{i}.{k}": v.cpu().contiguous() for i in range(len(self)) for k, v in self.member_state(i).items()}  # copies
         data = save(tensors, metadata={"format": COHORT_FORMAT, "members": str(len(self))})
         sha = hashlib.sha256(data).hexdigest()
         write_bytes(path, data)
@@ -270,10 +271,8 @@ class Cohort(nn.Module):
                 raise ValueError(f"cohort weights {path!r} have SHA-256 {sha}, but the {source} says {want}; refusing to load them")
         try:
             tensors = load(data)
-            from safetensors import safe_open  # metadata lives in the header
-
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
+            # the header (8-byte length, then JSON) holds the metadata: read it from the bytes already in memory
+            metadata = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__") or {}
         except Exception as err:  # safetensors raises its own error types for corrupt or truncated bytes
             raise ValueError(f"cohort weights {path!r} are not a readable safetensors file: {err}") from err
         if metadata.get("format") != COHORT_FORMAT or metadata.get("members") != str(len(self)):

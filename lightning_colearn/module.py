@@ -55,7 +55,7 @@ from lightning_colearn.cohort import BACKENDS, Cohort, MemberSpec
 from lightning_colearn.functional import stacked as FS
 from lightning_colearn.metrics.cohort import CohortMetric
 from lightning_colearn.optim import STACKED_OPTIMIZERS, CohortOptimizer, StackedOptimizer
-from lightning_colearn.stacked import batched_layers
+from lightning_colearn.stacked import StackedBatchNorm, StackedConv2d, StackedLinear, batched_layers
 
 __all__ = ["CohortModule", "choose_backend"]
 
@@ -115,7 +115,7 @@ class CohortModule(L.LightningModule):
         if backend == "auto":
             backend = choose_backend(cohort, optimizer, self.wraps_lightning)
         if backend == "stacked":
-            _check_stackable(cohort, optimizer, self.wraps_lightning, loss)
+            _check_stackable(cohort, optimizer, self.wraps_lightning)
         if backend is not None and backend != cohort.backend:
             cohort = Cohort(list(cohort.members), backend=backend)
         self.cohort = cohort
@@ -227,15 +227,14 @@ class CohortModule(L.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         self.stepped_members = []
-        self.__dict__.pop("_loss_vector", None)  # set again by this step's stacked losses, if any
         member_losses = self.cohort_losses(batch, batch_idx)
         if not member_losses:
             return None
         stepped = list(member_losses)
-        vector = self.__dict__.pop("_loss_vector", None)
-        if vector is not None and vector[0] == stepped:  # stacked: one sum, one write (not N selects and adds)
-            total = vector[1].sum()
-            self.last_loss[stepped] = vector[1].detach().to(self.last_loss.dtype)
+        vector = getattr(member_losses, "vector", None)
+        if vector is not None:  # stacked: one sum, one write (not N selects and adds)
+            total = vector.sum()
+            self.last_loss[stepped] = vector.detach().to(self.last_loss.dtype)
         else:
             total = None
             for i, loss in member_losses.items():
@@ -288,7 +287,7 @@ class CohortModule(L.LightningModule):
         for term in self.loss_terms:
             losses = {i: loss + term(i) for i, loss in losses.items()}
         if not self.loss_terms and values is not None:
-            self.__dict__["_loss_vector"] = (list(active), values)  # training_step sums the vector itself
+            return _LossVector(losses, values)  # training_step sums the vector itself
         return losses
 
     def _log_this_step(self, batch_idx: int) -> bool:
@@ -556,21 +555,21 @@ def choose_backend(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> str
     if len(cohort) < STACKED_MIN_MEMBERS:
         return "loop"
     try:
-        _check_stackable(cohort, optimizer, wraps_lightning, None)
+        _check_stackable(cohort, optimizer, wraps_lightning)
     except (TypeError, ValueError):
         return "loop"
     member = cohort[0]
     layers = batched_layers(member) or {}
-    convolutional = any(kind.__name__ == "StackedConv2d" for kind in layers.values())
+    convolutional = StackedConv2d in layers.values()
     if convolutional and len(cohort) > STACKED_MAX_CONV_MEMBERS:
         return "loop"
     if type(member).__name__ in STACKED_FASTER and type(member).__module__ == "lightning_colearn.models":
         return "stacked"
-    linear_only = bool(layers) and all(kind.__name__ in ("StackedLinear", "StackedBatchNorm") for kind in layers.values())
+    linear_only = bool(layers) and set(layers.values()) <= {StackedLinear, StackedBatchNorm}
     return "stacked" if linear_only else "loop"
 
 
-def _check_stackable(cohort: Cohort, optimizer: Any, wraps_lightning: bool, loss: Any) -> None:
+def _check_stackable(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> None:
     if wraps_lightning:
         raise TypeError(
             "backend='stacked' needs plain nn.Module members; LightningModule members run their own training_step "
@@ -596,6 +595,14 @@ def _optimizer_spec(factory: Any) -> tuple[type, dict[str, Any]]:
         "backend='stacked' needs the optimizer as partial(torch.optim.SGD|Adam|AdamW, **kwargs) (Hydra: "
         f"_partial_: true), got {factory!r}; use backend='loop' for other optimizers"
     )
+
+
+class _LossVector(dict):
+    """``{member: loss}`` whose losses are the rows of one tensor, ``vector`` (in the dict's order)."""
+
+    def __init__(self, losses: dict[int, Tensor], vector: Tensor) -> None:
+        super().__init__(losses)
+        self.vector = vector
 
 
 def _stack_members(tensors: list[Tensor]) -> Tensor:

@@ -175,6 +175,7 @@ class StackedOptimizer(Optimizer):
         n = len(self.param_groups)
         self._state: dict[str, list[torch.Tensor]] = {}
         self._has_buffer = torch.zeros(n, dtype=torch.bool)
+        self._hyper_cache: tuple | None = None  # (key, lr, weight decay) of the last step's members
         self.optimizers = [_MemberOptimizer(self, i) for i in range(n)]
 
     # Optimizer.__init__ and torch's hooks read/write .state; the real state is stacked
@@ -189,12 +190,12 @@ class StackedOptimizer(Optimizer):
     def _per_member_tensors(self, picked: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``lr`` and ``weight_decay`` of the picked members as float64 tensors, rebuilt only when they change."""
         key = (tuple(picked), tuple((self.param_groups[i]["lr"], self.param_groups[i]["weight_decay"]) for i in picked), device)
-        cached = self.__dict__.get("_hyper_cache")
+        cached = self._hyper_cache
         if cached is None or cached[0] != key:
             values = torch.tensor([[self.param_groups[i]["lr"], self.param_groups[i]["weight_decay"]] for i in picked],
                                   dtype=torch.float64, device=device)
             cached = (key, values[:, 0], values[:, 1])
-            self.__dict__["_hyper_cache"] = cached
+            self._hyper_cache = cached
         return cached[1], cached[2]
 
     def _shared(self, name: str) -> Any:

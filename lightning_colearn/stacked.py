@@ -48,7 +48,7 @@ from torch.func import functional_call, vmap
 
 from lightning_colearn.functional import stacked as FS
 
-__all__ = ["StackedModel", "batched_layers"]
+__all__ = ["StackedBatchNorm", "StackedConv2d", "StackedLinear", "StackedModel", "batched_layers"]
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -350,5 +350,3 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
-
-__all__ += ["StackedBatchNorm", "StackedConv2d", "StackedLinear"]

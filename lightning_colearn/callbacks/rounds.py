@@ -36,12 +36,20 @@ from lightning_colearn.metrics.cohort import higher_is_better
 from lightning_colearn.metrics.scoring import score
 from lightning_colearn.module import CohortModule
 
-__all__ = ["ClientRounds", "is_last_batch"]
+__all__ = ["ClientRounds", "is_last_batch", "own_pass_steps"]
 
 
 def is_last_batch(trainer: L.Trainer, batch_idx: int) -> bool:
     """True in ``on_train_batch_end`` of the epoch's last batch (``limit_train_batches`` counted), before validation runs."""
     return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
+
+
+def own_pass_steps(trainer: L.Trainer, member: int) -> float:
+    """Training steps of one pass over ``member``'s own data (per-member streams), else ``inf`` (a shared stream: the epoch)."""
+    dm = trainer.datamodule
+    if dm is not None and getattr(dm, "stream", None) == "per_member" and hasattr(dm, "member_split"):
+        return math.ceil(len(dm.member_split(member, "train")) / dm.batch_size)  # the member's loader length
+    return math.inf
 
 
 class ClientRounds(Callback):
@@ -168,14 +176,8 @@ class ClientRounds(Callback):
                     pl_module.reset_member_optimizer(c)
         elif not hasattr(self, "_round_start"):  # resumed in the middle of a round
             self._round_start = time.perf_counter()
-        self._remaining = {c: self._budget(trainer, c) for c in self._clients}
+        self._remaining = {c: own_pass_steps(trainer, c) for c in self._clients}
         pl_module.active_members = list(self._clients)
-
-    def _budget(self, trainer: L.Trainer, client: int) -> float:
-        dm = trainer.datamodule
-        if dm is not None and getattr(dm, "stream", None) == "per_member" and hasattr(dm, "member_dataloader"):
-            return len(dm.member_dataloader(client, "train"))  # one pass over its own data per epoch
-        return math.inf
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: CohortModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._clients is None:

@@ -57,7 +57,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_colearn._checks import is_int_at_least
 from lightning_colearn._io import write_csv
-from lightning_colearn.callbacks.rounds import is_last_batch
+from lightning_colearn.callbacks.rounds import is_last_batch, own_pass_steps
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.voting import best_voted, cast_votes, is_accepted
 from lightning_colearn.metrics.cohort import higher_is_better
@@ -229,10 +229,7 @@ class CollectiveVoting(Callback):
     def _budget(self, trainer: L.Trainer, learner: int) -> float:
         if self.steps_per_round is not None:
             return self.steps_per_round
-        dm = trainer.datamodule
-        if dm is not None and getattr(dm, "stream", None) == "per_member" and hasattr(dm, "member_dataloader"):
-            return len(dm.member_dataloader(learner, "train"))  # one pass over its own data
-        return math.inf  # a shared stream: the whole epoch
+        return own_pass_steps(trainer, learner)  # one pass over its own data
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: CohortModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._in_round:
