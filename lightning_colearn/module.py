@@ -19,6 +19,16 @@ step per batch (``max_steps`` counts batches, not member updates).
 Callbacks implementing communication rules set :attr:`CohortModule.active_members`
 and use :attr:`CohortModule.cohort` arithmetic between steps.
 
+Under a DDP strategy (``Trainer(strategy="ddp", devices=W, use_distributed_sampler=False)``)
+the members are sharded over the ranks, member ``i`` on rank ``i % W``, and each rank
+trains only its own (:mod:`lightning_colearn.distributed`): rules call
+:meth:`CohortModule.sync_members` before they read other ranks' members,
+:meth:`CohortModule.gather_member_values` for per-member numbers, and
+:meth:`CohortModule.decide` for decisions taken once. Validation and test split
+the evaluation batches over the ranks (torchmetrics syncs the metrics), and a
+checkpoint holds every member's weights and optimizer state, so it resumes
+with any number of processes.
+
 Example:
     >>> import lightning as L
     >>> from functools import partial
@@ -47,10 +57,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
+from torch.utils.data import DistributedSampler
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_colearn import distributed as D
 from lightning_colearn.cohort import BACKENDS, Cohort, MemberSpec
 from lightning_colearn.functional import stacked as FS
 from lightning_colearn.metrics.cohort import CohortMetric
@@ -156,6 +169,11 @@ class CohortModule(L.LightningModule):
         #: Members the most recent training step updated (callbacks count a round's steps with it).
         self.stepped_members: list[int] = []
         self._member_logs: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        # Members across ranks (set at setup under a DDP strategy): this rank, the process count, the
+        # members whose copies on non-owning ranks are stale, and whether evaluation splits its batches.
+        self._rank, self._world_size = 0, 1
+        self._stale: set[int] = set()
+        self._shard_eval = False
         if not self.wraps_lightning:
             self.val_loss = CohortMetric(MeanMetric(), n, maximize=False)
             self.test_loss = CohortMetric(MeanMetric(), n, maximize=False)
@@ -222,36 +240,110 @@ class CohortModule(L.LightningModule):
                 raise IndexError(f"active_members holds {i}, but the cohort has members 0..{self.size - 1}")
         return active
 
+    def _trainable(self) -> list[int]:
+        """The active members this process trains (all active ones in one process)."""
+        active = self._active()
+        return active if self._world_size == 1 else [i for i in active if D.member_owner(i, self._world_size) == self._rank]
+
+    # ------------------------------------------------------- members across ranks
+    @property
+    def world_size(self) -> int:
+        """Processes the members are sharded over (1 outside DDP)."""
+        return self._world_size
+
+    @property
+    def owned_members(self) -> list[int]:
+        """The members this process trains: all of them in one process, ``i % world_size == rank`` under DDP."""
+        return D.owned_members(self.size, self._rank, self._world_size)
+
+    def sync_members(self, members: list[int] | None = None) -> None:
+        """Bring this process's copies of ``members`` (default: all) up to date from the ranks that train them.
+
+        A collective under DDP: every rank calls it at the same point with the same
+        ``members``. Only members that trained since their last sync move bytes;
+        in one process it does nothing.
+        """
+        if self._world_size == 1:
+            return
+        wanted = range(self.size) if members is None else members
+        stale = sorted(self._stale.intersection(wanted))
+        if stale:
+            D.sync_members(self.trainer.strategy, self.cohort.member_tensors, stale, self._rank, self._world_size)
+            self._stale.difference_update(stale)
+
+    def gather_member_values(self, compute: Callable[[list[int]], list[float]], members: list[int]) -> list[float]:
+        """One number per member of ``members``: ``compute(some_members)`` returns theirs (e.g. scores).
+
+        Under DDP each rank computes only the members it trains (it holds their current
+        weights without a sync, and the work splits over the ranks), and one
+        ``all_reduce`` gives every rank all the values; in one process it is ``compute(members)``.
+        """
+        if self._world_size == 1:
+            return list(compute(list(members)))
+        mine = [m for m in dict.fromkeys(members) if D.member_owner(m, self._world_size) == self._rank]
+        values = dict(zip(mine, compute(mine))) if mine else {}
+        return D.gather_values(self.trainer.strategy, values, members, self.last_loss.device)
+
+    def decide(self, decision: Any) -> Any:
+        """Rank 0's ``decision`` on every rank (taken once, so no rank can drift); ``decision`` itself in one process."""
+        if self._world_size == 1:
+            return decision
+        return self.trainer.strategy.broadcast(decision, src=0)
+
     # --------------------------------------------------------------- training
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         opt = self.optimizers()
         opt.zero_grad()
         self.stepped_members = []
+        if self._world_size > 1:
+            self._no_gradient_sync()
         member_losses = self.cohort_losses(batch, batch_idx)
-        if not member_losses:
+        stepped, losses, total = list(member_losses), None, None
+        if member_losses:
+            vector = getattr(member_losses, "vector", None)
+            if vector is not None:  # stacked: one sum, one write (not N selects and adds)
+                total, losses = vector.sum(), vector.detach()
+            else:
+                total = sum(member_losses.values())
+                losses = torch.stack([loss.detach() for loss in member_losses.values()])
+            losses = losses.to(self.last_loss.dtype)
+            # The members share no parameters (or, in MutualLearning, see each other only detached),
+            # so one backward over the sum gives every member exactly its own gradient.
+            self.manual_backward(total)
+        if self._world_size > 1:  # every rank learns which members stepped, and their losses
+            stepped, losses = self._share_step(stepped, losses)
+        if not stepped:
             return None
-        stepped = list(member_losses)
-        vector = getattr(member_losses, "vector", None)
-        if vector is not None:  # stacked: one sum, one write (not N selects and adds)
-            total = vector.sum()
-            self.last_loss[stepped] = vector.detach().to(self.last_loss.dtype)
-        else:
-            total = None
-            for i, loss in member_losses.items():
-                self.last_loss[i] = loss.detach().float()
-                total = loss if total is None else total + loss
-        # The members share no parameters (or, in MutualLearning, see each other only detached),
-        # so one backward over the sum gives every member exactly its own gradient.
-        self.manual_backward(total)
+        own = stepped if self._world_size == 1 else [i for i in stepped if i in member_losses]
         self.stepped_members = stepped
-        opt.step(members=stepped)
+        # every rank steps (its own members): Lightning counts global_step on each rank alike
+        opt.step(members=own)
         self._step_schedulers("step")
-        losses = self.last_loss[stepped]
+        self.last_loss[stepped] = losses
         self._epoch_loss[stepped] += losses
         self._epoch_steps[stepped] += 1
         if self._log_this_step(batch_idx):
             self.log("train_loss/mean", losses.mean(), prog_bar=True, batch_size=_batch_size(batch))
-        return total.detach()
+        return None if total is None else total.detach()
+
+    def _no_gradient_sync(self) -> None:
+        # DDP would average the gradients across ranks, i.e. across different members. The members share no
+        # parameters: no sync at all for this step's backward (what DDP's no_sync() sets; Lightning sets it
+        # back after every training forward in manual optimization, hence here, inside the step).
+        model = self.trainer.strategy.model
+        if isinstance(model, DistributedDataParallel):
+            model.require_backward_grad_sync = False
+
+    def _share_step(self, stepped: list[int], losses: Tensor | None) -> tuple[list[int], Tensor]:
+        """The members that stepped on any rank, and their losses: one ``all_reduce`` of ``[2, N]``."""
+        shared = torch.zeros(2, self.size, dtype=self.last_loss.dtype, device=self.last_loss.device)
+        if stepped:
+            shared[0, stepped] = losses
+            shared[1, stepped] = 1
+        shared = self.trainer.strategy.reduce(shared, reduce_op="sum")
+        everyone = shared[1].nonzero().flatten()
+        self._stale.update(everyone.tolist())
+        return everyone.tolist(), shared[0, everyone]
 
     def cohort_losses(self, batch: Any, batch_idx: int) -> dict[int, Tensor]:
         """``{member: loss}`` for the members that train on this batch (the active ones whose step returned a loss).
@@ -260,9 +352,9 @@ class CohortModule(L.LightningModule):
         override :meth:`member_training_step` to change one member's loss.
         """
         if self.stacked and type(self).member_training_step is CohortModule.member_training_step:
-            return self._stacked_losses(batch, self._active())
+            return self._stacked_losses(batch, self._trainable())
         losses = {}
-        for i in self._active():
+        for i in self._trainable():
             loss = self.member_training_step(i, self.member_batch(batch, i), batch_idx)
             if loss is not None:  # Lightning's convention: a step returning None is skipped
                 for term in self.loss_terms:
@@ -336,10 +428,33 @@ class CohortModule(L.LightningModule):
 
     # ------------------------------------------------------------- evaluation
     def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("val", batch, batch_idx)
+        if not self._skip_eval_batch(batch_idx):
+            self._evaluate("val", batch, batch_idx)
 
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._evaluate("test", batch, batch_idx)
+        if not self._skip_eval_batch(batch_idx):
+            self._evaluate("test", batch, batch_idx)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval(self.trainer.val_dataloaders)
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval(self.trainer.test_dataloaders)
+
+    def _start_eval(self, loaders: Any) -> None:
+        if self._world_size == 1:
+            return
+        self.sync_members()  # every rank evaluates every member, on its share of the batches
+        # rank r takes batches r, r + W, ...: each batch once, no padding (a DistributedSampler repeats samples
+        # to even out the ranks); if Lightning already split the loader over the ranks, every batch is ours
+        self._shard_eval = not any(isinstance(getattr(dl, "sampler", None), DistributedSampler)
+                                   for dl in _loaders(loaders))
+
+    def _skip_eval_batch(self, batch_idx: int) -> bool:
+        return self._world_size > 1 and self._shard_eval and batch_idx % self._world_size != self._rank
+
+    def _any_rank(self, flag: bool) -> bool:
+        return flag if self._world_size == 1 else self.trainer.strategy.reduce_boolean_decision(flag, all=False)
 
     def on_validation_epoch_end(self) -> None:
         self._log_eval("val")
@@ -372,7 +487,7 @@ class CohortModule(L.LightningModule):
         names = ["loss"] + (["acc"] if self.num_classes is not None else [])
         for name in names:
             metric: CohortMetric = getattr(self, f"{stage}_{name}")
-            if not metric.updated():
+            if not self._any_rank(bool(metric.updated())):  # under DDP compute() syncs: all ranks or none
                 continue
             values = metric.compute()
             _, best = metric.best(values)
@@ -384,6 +499,12 @@ class CohortModule(L.LightningModule):
 
     # ------------------------------------------------------ wrapped modules
     def setup(self, stage: str) -> None:
+        self._rank, self._world_size = self.trainer.global_rank, self.trainer.world_size
+        self._stale = set()  # every rank starts from the same members (DDP broadcasts rank 0's at wrap time)
+        if self._world_size > 1 and not any(p.requires_grad for p in self.parameters()):
+            # a stacked cohort keeps its trainable tensors outside the module tree (the members hold views),
+            # and DDP refuses a module without a trainable parameter: give it one it never has to sync
+            self._ddp_anchor = _DDPAnchor()
         if self.stacked and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(
                 f"precision={self.trainer.precision!r} scales gradients per parameter, which the stacked backend does "
@@ -392,6 +513,22 @@ class CohortModule(L.LightningModule):
         if self.wraps_lightning:
             for member in self.cohort:
                 member.trainer = self.trainer  # so member code may read self.trainer / self.current_epoch
+
+    def on_train_start(self) -> None:
+        if self._world_size == 1:
+            return
+        for loader in _loaders(self.trainer.train_dataloader):
+            if isinstance(getattr(loader, "sampler", None), DistributedSampler) or isinstance(
+                getattr(getattr(loader, "batch_sampler", None), "sampler", None), DistributedSampler
+            ):
+                raise ValueError(
+                    "CohortModule under DDP shards the members over the ranks, and every rank must see every "
+                    "training batch, but the training loader was split over the ranks (a DistributedSampler); "
+                    "pass Trainer(use_distributed_sampler=False)"
+                )
+
+    def on_train_end(self) -> None:
+        self.sync_members()  # every rank (rank 0 for ddp_spawn's hand-back, trainer.test) holds the final members
 
     def teardown(self, stage: str) -> None:
         if self.wraps_lightning:
@@ -410,6 +547,8 @@ class CohortModule(L.LightningModule):
         stage = {"training_step": "train", "validation_step": "val", "test_step": "test"}[hook]
 
         def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            if self._world_size > 1:  # under DDP a member's evaluation batches are spread over the ranks
+                kwargs.setdefault("sync_dist", stage != "train")
             self.log(f"{name}/member_{member}", value, *args, **kwargs)
             if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1):
                 self._member_logs[f"{stage}|{name}"][member].append(float(value.detach() if isinstance(value, Tensor) else value))
@@ -425,7 +564,8 @@ class CohortModule(L.LightningModule):
             per_member = self._member_logs.pop(key)
             means = [sum(v) / len(v) for v in per_member.values() if v]
             if means:
-                self.log(f"{key.split('|', 1)[1]}/mean", sum(means) / len(means))
+                # under DDP each rank knows its own members' (training) or its batches' (evaluation) values
+                self.log(f"{key.split('|', 1)[1]}/mean", sum(means) / len(means), sync_dist=self._world_size > 1)
 
     # ------------------------------------------------------------- optimizers
     def member_optimizers(self) -> list[Optimizer]:
@@ -489,6 +629,20 @@ class CohortModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cohort_lr_schedulers"] = [None if c is None else c["scheduler"].state_dict() for c in self._schedulers]
+        if self._world_size > 1:  # a checkpoint holds every member, whichever rank trained it
+            self.sync_members()
+            checkpoint["state_dict"] = self.trainer.strategy.lightning_module_state_dict()
+            if checkpoint.get("optimizer_states"):
+                checkpoint["optimizer_states"] = [self._gathered_optimizer_state()]
+
+    def _gathered_optimizer_state(self) -> dict[str, Any]:
+        """The cohort optimizer's state with each member's entry from the rank that trains it."""
+        opt = self.trainer.optimizers[0]
+        merged = opt.state_dict()
+        for part in D.gather_objects({i: opt.member_state_dict(i) for i in self.owned_members}):
+            for i, state in part.items():
+                merged["members"][i] = state
+        return merged
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("cohort_lr_schedulers")
@@ -620,6 +774,33 @@ def _stack_members(tensors: list[Tensor]) -> Tensor:
     ):
         return first.as_strided((len(tensors), *first.shape), (first.numel(), *first.stride()), first.storage_offset())
     return torch.stack(tensors)
+
+
+class _DDPAnchor(nn.Module):
+    """One scalar parameter for DDP to hold on to; never trained, never in a checkpoint (which then loads anywhere)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001
+        pass
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: ANN001
+        pass
+
+
+def _loaders(loaders: Any) -> list[Any]:
+    """The DataLoaders inside what Lightning holds as a stage's loaders (one, a list, a dict or a CombinedLoader)."""
+    if loaders is None:
+        return []
+    if hasattr(loaders, "flattened"):
+        return list(loaders.flattened)
+    if isinstance(loaders, Mapping):
+        return list(loaders.values())
+    if isinstance(loaders, (list, tuple)):
+        return list(loaders)
+    return [loaders]
 
 
 def _common_attr(cohort: Cohort, name: str) -> Any:

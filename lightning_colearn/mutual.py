@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_colearn import distributed as D
 from lightning_colearn.cohort import Cohort
 from lightning_colearn.functional.distillation import MODES, mutual_learning_losses
 from lightning_colearn.module import CohortModule, OptimizerFactory
@@ -103,12 +104,29 @@ class MutualLearning(CohortModule):
                 "MutualLearning needs one shared batch for all students (data.stream=shared); got per-member batches"
             )
         x, y = batch
-        logits = self.member_outputs(x)  # exactly one forward per student (stacked: one for all)
+        own = self.owned_members  # every student trains on every batch (under DDP: this rank's students)
+        logits = self.member_outputs(x, own)  # exactly one forward per student (stacked: one for all)
+        if self.world_size > 1:  # the peers' predictions come from the ranks that train them (detached anyway)
+            logits = self._all_logits(dict(zip(own, logits)))
         losses, ce, mimic = mutual_learning_losses(
             logits, y, self.temperature, self.kl_weight, self.mode, return_parts=True
         )
         self._epoch_parts += torch.stack([torch.stack(ce).mean(), torch.stack(mimic).mean()])
-        return dict(enumerate(losses))
+        return {i: losses[i] for i in own}
+
+    def _all_logits(self, own: dict[int, Tensor]) -> list[Tensor]:
+        """Every student's logits on the shared batch: this rank's own (differentiable) and the others',
+        gathered in one ``all_gather``."""
+        world, rank = self.world_size, self.trainer.global_rank
+        rows = max(len(D.owned_members(self.size, r, world)) for r in range(world))
+        sample = next(iter(own.values())) if own else None
+        if sample is None:
+            raise RuntimeError("MutualLearning under DDP needs at least one student per rank (cohort size >= processes)")
+        mine = torch.zeros(rows, *sample.shape, dtype=sample.dtype, device=sample.device)
+        for k, i in enumerate(D.owned_members(self.size, rank, world)):
+            mine[k] = own[i].detach()
+        gathered = self.trainer.strategy.all_gather(mine)  # [world, rows, B, C]
+        return [own[i] if i in own else gathered[D.member_owner(i, world), i // world] for i in range(self.size)]
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
@@ -143,12 +161,13 @@ class MutualLearning(CohortModule):
         if self.num_classes is None:
             return
         metric = getattr(self, f"{stage}_ensemble_acc")
-        if metric.update_count:
+        if self._any_rank(bool(metric.update_count)):
             self.log(f"{stage}_acc/ensemble", metric.compute())
             metric.reset()
 
     # ------------------------------------------------------------- artefacts
     def on_train_end(self) -> None:
+        super().on_train_end()
         trainer = self.trainer
         if not trainer.is_global_zero or not trainer.loggers or not trainer.log_dir or not self.loss_history:
             return

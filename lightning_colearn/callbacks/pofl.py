@@ -131,7 +131,9 @@ class ProofOfLearning(ClientRounds):
         super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
-        if self.ledger is None:
+        if not trainer.is_global_zero:
+            self.ledger = None  # under DDP only rank 0 opens and writes the ledger
+        elif self.ledger is None:
             path = self._ledger_spec
             self.ledger = Ledger(":memory:" if path is None else path)
         # a scratch copy of one member: validators load a block's weights into it to re-score them
@@ -142,14 +144,17 @@ class ProofOfLearning(ClientRounds):
         if self.miner_states is None:
             state = pl_module.cohort.member_state(0)
             self.miner_states = [state] * self.miners
-        if self._ledger_base is None:  # a new run continues the chain where it is
-            self._ledger_base = len(self.ledger)
-        known = self._next_block_index()
-        if len(self.ledger) < known:
-            raise LedgerError(
-                f"the ledger at {self.ledger.path} holds {len(self.ledger)} blocks but this run's checkpoint knows "
-                f"{known}: blocks were removed; restore the ledger file or start a new run"
-            )
+        problem = None
+        if self.ledger is not None:  # rank 0
+            if self._ledger_base is None:  # a new run continues the chain where it is
+                self._ledger_base = len(self.ledger)
+            known = self._next_block_index()
+            if len(self.ledger) < known:
+                problem = (f"the ledger at {self.ledger.path} holds {len(self.ledger)} blocks but this run's checkpoint "
+                           f"knows {known}: blocks were removed; restore the ledger file or start a new run")
+        self._ledger_base, problem = pl_module.decide((self._ledger_base, problem))
+        if problem is not None:  # on every rank, so none waits for the others
+            raise LedgerError(problem)
 
     def _next_block_index(self) -> int:
         return self._ledger_base + sum(1 for r in self.history if r.get("block") is not None)
@@ -176,8 +181,12 @@ class ProofOfLearning(ClientRounds):
 
         start = time.perf_counter()
         candidates = sorted(hosts)
-        values = score_models([cohort[hosts[m]] for m in candidates], self.eval_dataloader, self.criterion,
-                              pl_module.device, self.eval_batches, trainer.precision_plugin.forward_context) if candidates else []
+        # under DDP each candidate is scored on the rank that trains its host member
+        values = pl_module.gather_member_values(
+            lambda mine: score_models([cohort[h] for h in mine], self.eval_dataloader, self.criterion, pl_module.device,
+                                      self.eval_batches, trainer.precision_plugin.forward_context),
+            [hosts[m] for m in candidates],
+        ) if candidates else []
         scores: list[float | None] = [None] * self.miners
         for m, v in zip(candidates, values):
             scores[m] = v if math.isfinite(v) else None
@@ -190,7 +199,16 @@ class ProofOfLearning(ClientRounds):
         block, reason = None, "no candidate passed the threshold" if candidates else "no client updates"
         if passes:
             state = cohort.member_state(hosts[best])
-            block, reason = self._append_block(trainer, pl_module, best, scores, state)
+            outcome = None
+            if self.ledger is not None:  # rank 0 validates and writes; every rank learns the outcome
+                try:
+                    appended, reason = self._append_block(trainer, pl_module, best, scores, state)
+                    outcome = (None if appended is None else appended.index, reason, None)
+                except LedgerError as err:
+                    outcome = (None, None, str(err))
+            block, reason, problem = pl_module.decide(outcome)
+            if problem is not None:
+                raise LedgerError(problem)
             if block is not None:
                 self.miner_states = [state] * self.miners  # every miner adopts the block
         if block is None:  # no block: each miner with a candidate keeps it
@@ -201,7 +219,7 @@ class ProofOfLearning(ClientRounds):
             "score": scores[best] if block is not None else None,
             "scores": scores,
             "winner": best if block is not None else None,
-            "block": None if block is None else block.index,
+            "block": block,
             "reason": reason,
             "aggregate_seconds": aggregate_seconds,
             "consensus_seconds": consensus_seconds,
@@ -246,8 +264,8 @@ class ProofOfLearning(ClientRounds):
         # The run's model goes into every member (what trainer.test then evaluates): the chain head if this
         # run appended to the chain (a continued ledger's older head belongs to another run), otherwise the
         # miner model that scored best in the last round.
-        if self.ledger is not None and self._ledger_base is not None and self._next_block_index() > self._ledger_base:
-            model = self.ledger.load(len(self.ledger) - 1)
+        if self._ledger_base is not None and self._next_block_index() > self._ledger_base:
+            model = pl_module.decide(self.ledger.load(len(self.ledger) - 1) if self.ledger is not None else None)
         elif self.history and any(s is not None for s in self.history[-1]["scores"]):
             scores = {m: s for m, s in enumerate(self.history[-1]["scores"]) if s is not None}
             model = self.miner_states[(max if self.maximize else min)(scores, key=scores.get)]
@@ -264,7 +282,7 @@ class ProofOfLearning(ClientRounds):
 
     def log_round(self, pl_module: CohortModule, record: dict[str, Any]) -> None:
         super().log_round(pl_module, record)
-        logged = {"pofl/blocks": float(len(self.ledger))}
+        logged = {"pofl/blocks": float(self._next_block_index())}
         logged.update({f"pofl/miner_{m}": s for m, s in enumerate(record["scores"]) if s is not None})
         pl_module.log_dict(logged, on_step=False, on_epoch=True)
 

@@ -200,6 +200,7 @@ class ClientRounds(Callback):
         record: dict[str, Any] = {"round": self.round, "step": trainer.global_step, "clients": clients,
                                   "train_seconds": start - self._round_start}
         del self._round_start
+        pl_module.sync_members(clients)  # under DDP: every rank gets the clients' updates from the ranks that trained them
         record.update(self.finish_round(trainer, pl_module, clients))
         self.round += 1
         value = record.get("score")
@@ -217,9 +218,12 @@ class ClientRounds(Callback):
         return value >= self.target if self.maximize else value <= self.target
 
     def server_score(self, trainer: L.Trainer, pl_module: CohortModule, member: int) -> float:
-        """Score member ``member`` on the shared evaluation set."""
-        return score(pl_module.cohort[member], self.eval_dataloader, self.criterion, pl_module.device,
-                     max_batches=self.eval_batches, context=trainer.precision_plugin.forward_context)
+        """Score member ``member`` on the shared evaluation set (under DDP: once, by the rank that trains it)."""
+        def scores(mine: list[int]) -> list[float]:
+            return [score(pl_module.cohort[m], self.eval_dataloader, self.criterion, pl_module.device,
+                          max_batches=self.eval_batches, context=trainer.precision_plugin.forward_context) for m in mine]
+
+        return pl_module.gather_member_values(scores, [member])[0]
 
     # ------------------------------------------------------- subclass hooks
     def start_round(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int]) -> None:

@@ -167,6 +167,8 @@ class ParticleSwarm(Callback):
         best, times = plan_moves(chosen, fitness, self.maximize)
         if self.move_mode == "all":
             times = {i: times.get(i, 1) for i in range(pl_module.size) if i != best}
+        best, times = pl_module.decide((best, times))  # under DDP: rank 0's plan, on every rank
+        pl_module.sync_members([best, *times])  # the moved members and the best, from the ranks that train them
         self.apply_move(pl_module, best, times)
         if self.reset_optimizer:
             self._reset_optimizer_state(trainer, pl_module, list(times))
@@ -187,9 +189,12 @@ class ParticleSwarm(Callback):
 
     def fitness(self, trainer: L.Trainer, pl_module: CohortModule, chosen: Tensor) -> Tensor:
         """Fitness of each drawn member (one value per entry of ``chosen``)."""
-        if self.metric is None:
+        if self.metric is None:  # (under DDP every rank knows every member's last loss)
             return pl_module.last_loss.detach().cpu()[chosen]
-        scores = {m: self._score(trainer, pl_module, m) for m in sorted(set(chosen.tolist()))}
+        members = sorted(set(chosen.tolist()))
+        # each member is scored by the rank that trains it (no weights move for fitness)
+        values = pl_module.gather_member_values(lambda ms: [self._score(trainer, pl_module, m) for m in ms], members)
+        scores = dict(zip(members, values))
         return torch.tensor([scores[int(m)] for m in chosen])
 
     @torch.no_grad()

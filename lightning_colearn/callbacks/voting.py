@@ -205,8 +205,10 @@ class CollectiveVoting(Callback):
         n = pl_module.size
         if self.current is None or any(c is None for c in self.current):
             start = time.perf_counter()
-            self.current = [c if c is not None else self._score_on(trainer, pl_module, i, [i])[0]
-                            for i, c in enumerate(self.current or [None] * n)]
+            current = self.current or [None] * n
+            missing = [i for i, c in enumerate(current) if c is None]
+            fresh = dict(zip(missing, self._own_scores(trainer, pl_module, missing)))
+            self.current = [fresh.get(i, c) for i, c in enumerate(current)]
             self._initial_seconds = time.perf_counter() - start
         else:
             self._initial_seconds = 0.0
@@ -259,6 +261,7 @@ class CollectiveVoting(Callback):
         self._in_round = False
         pl_module.active_members = []  # nobody trains until the next round starts
         n, cohort = pl_module.size, pl_module.cohort
+        pl_module.sync_members(self._proposers)  # under DDP: every voter's rank gets the proposals
         current = torch.tensor(self.current, dtype=torch.float64)
         proposals = {}
         for p in self._proposers:
@@ -275,8 +278,9 @@ class CollectiveVoting(Callback):
             [_mean_others(proposals[p]["scores"], p) for p in self._proposers],
             self.maximize,
         )]
+        accepted = proposals[winner]["finite"] and is_accepted(proposals[winner]["yes"], voters, self.threshold)
+        winner, accepted = pl_module.decide((winner, accepted))  # under DDP: taken once, on rank 0
         chosen = proposals[winner]
-        accepted = chosen["finite"] and is_accepted(chosen["yes"], voters, self.threshold)
         optimizers = pl_module.member_optimizers()
         for p in self._proposers:
             if not (accepted and p == winner):
@@ -292,7 +296,7 @@ class CollectiveVoting(Callback):
         self._snapshots = {}
         vote_seconds = time.perf_counter() - vote_start
         test_start = time.perf_counter()
-        tests = [self._score_on(trainer, pl_module, i, [i], "test")[0] for i in range(n)] if self.test_dataloaders else []
+        tests = self._own_scores(trainer, pl_module, list(range(n)), "test") if self.test_dataloaders else []
         reason = "accepted" if accepted else ("non-finite weights" if not chosen["finite"] else "not enough yes votes")
         record = {
             "round": self.round,
@@ -318,7 +322,18 @@ class CollectiveVoting(Callback):
         return record
 
     def _score_on(self, trainer: L.Trainer, pl_module: CohortModule, model: int, learners: list[int], split: str = "vote") -> list[float]:
-        """Score member ``model``'s weights on each of ``learners``' ``split`` data (batched across learners)."""
+        """Score member ``model``'s weights on each of ``learners``' ``split`` data (batched across learners;
+        under DDP each learner's data is scored on the rank that trains the learner)."""
+        return pl_module.gather_member_values(lambda mine: self._scores(trainer, pl_module, model, mine, split), learners)
+
+    def _own_scores(self, trainer: L.Trainer, pl_module: CohortModule, learners: list[int], split: str = "vote") -> list[float]:
+        """Each learner's own current model on its own ``split`` data (under DDP, on the rank that trains it)."""
+        def scores(mine: list[int]) -> list[float]:
+            return [self._scores(trainer, pl_module, i, [i], split)[0] for i in mine]
+
+        return pl_module.gather_member_values(scores, learners)
+
+    def _scores(self, trainer: L.Trainer, pl_module: CohortModule, model: int, learners: list[int], split: str) -> list[float]:
         loaders = self.vote_dataloaders if split == "vote" else self.test_dataloaders
         return score_many(
             pl_module.cohort[model], [loaders[j] for j in learners], self.criterion, pl_module.device,

@@ -46,11 +46,19 @@ _CLONES: WeakKeyDictionary[Metric, list[Metric]] = WeakKeyDictionary()
 def _fresh_clones(metric: Metric, n: int, device: torch.device) -> list[Metric]:
     pool = _CLONES.setdefault(metric, [])
     while len(pool) < n:
-        pool.append(metric.clone())
+        clone = metric.clone()
+        # A score is one process's business (under DDP each rank scores its own members, and the ranks
+        # then exchange the floats): never a collective inside compute(), which only one rank would call.
+        clone.distributed_available_fn = _local_only
+        pool.append(clone)
     clones = pool[:n]
     for m in clones:
         m.reset()
     return [m.to(device) for m in clones]
+
+
+def _local_only() -> bool:
+    return False
 
 
 def _forward(model: nn.Module, x: Tensor, chunk: int) -> Tensor:

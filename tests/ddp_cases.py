@@ -1,0 +1,145 @@
+"""Tiny runs of every algorithm, in one process or as one rank of a DDP job (tests/test_ddp.py compares them).
+
+As a script, under ``torchrun --nproc-per-node 2``, it runs every case with
+``Trainer(strategy="ddp", devices=2)`` one after another in the same two
+processes (one process start-up for all cases), and rank 0 saves each run's
+result to ``<out>/<case>.pt``. ``run_case(name, out, world=1)`` is the same run
+in one process. Each result holds the final weights, the logged metrics, the
+global step and the algorithm's decisions (moves, votes, rounds, blocks).
+
+    python -m torch.distributed.run --nproc-per-node 2 tests/ddp_cases.py OUT [--resume CKPT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics.classification import MulticlassAccuracy
+
+from helpers import BNNet
+from lightning_colearn import (
+    CohortDataModule,
+    CohortModule,
+    CollectiveVoting,
+    FederatedAveraging,
+    MutualLearning,
+    ParticleSwarm,
+    ProofOfLearning,
+)
+from lightning_colearn.callbacks.checkpoint import EpochCheckpoint
+from lightning_colearn.models import MLP, LogisticRegression
+
+SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9)
+ADAM = partial(torch.optim.Adam, lr=1e-3)
+
+
+def _case(name: str, out: Path) -> tuple[L.LightningModule, CohortDataModule, list[Any], dict[str, Any]]:
+    """Module, data, callbacks and Trainer limits of case ``name`` (odd sizes: ranks train unequal shares)."""
+    dm = partial(CohortDataModule, "mnist_small", batch_size=32, eval_batch_size=200)
+    limits = dict(max_epochs=2, limit_train_batches=4, limit_val_batches=3)
+    if name == "independent":
+        return CohortModule(MLP, size=5, optimizer=SGD), dm(num_members=5), [], limits
+    if name == "independent_stacked":
+        return CohortModule(MLP, size=4, optimizer=ADAM, backend="stacked"), dm(num_members=4), [], limits
+    if name == "swarm":  # BatchNorm buffers move with the parameters; optimizer state reset; noise
+        swarm = ParticleSwarm(every_n_steps=2, n_particles=3, sigma=0.01, reset_optimizer=True, seed=1)
+        return CohortModule(BNNet, size=5, optimizer=SGD), dm(num_members=5), [swarm], limits
+    if name == "swarm_metric":  # fitness scored on held-out data by each member's rank
+        swarm = ParticleSwarm(every_n_steps=3, n_particles=4, metric=MulticlassAccuracy(num_classes=10), seed=2)
+        return CohortModule(MLP, size=4, optimizer=SGD), dm(num_members=4), [swarm], limits
+    if name == "voting":  # every learner proposes: proposals from both ranks, voters on both
+        voting = CollectiveVoting(threshold=0.5, proposer="all", steps_per_round=3, vote_batches=2)
+        return CohortModule(MLP, size=5, optimizer=ADAM), dm(num_members=5), [voting], dict(limits, max_epochs=3)
+    if name == "fedavg":  # FedProx term, clients on both ranks
+        fedavg = FederatedAveraging(clients_per_round=4, mu=0.01, max_rounds=3, eval_batches=2, seed=3)
+        return CohortModule(LogisticRegression, size=6, optimizer=SGD), dm(num_members=6), [fedavg], dict(limits, max_epochs=3)
+    if name == "krum":
+        krum = FederatedAveraging(clients_per_round=5, aggregator="krum", max_rounds=2, eval_batches=2, seed=4)
+        return CohortModule(LogisticRegression, size=6, optimizer=SGD), dm(num_members=6), [krum], limits
+    if name == "pofl":
+        pofl = ProofOfLearning(miners=2, clients_per_round=4, threshold=0.2, ledger=str(out / "ledger.db"),
+                               max_rounds=3, eval_batches=2, seed=5)
+        return CohortModule(LogisticRegression, size=6, optimizer=SGD), dm(num_members=6), [pofl], dict(limits, max_epochs=3)
+    if name == "mutual":
+        module = MutualLearning([MLP() for _ in range(3)], optimizer=SGD, temperature=2.0)
+        return module, dm(num_members=3, stream="shared"), [], limits
+    if name in ("resume_from_one", "resume_from_two", "uninterrupted"):  # checkpoints across process counts
+        swarm = ParticleSwarm(every_n_steps=3, n_particles=3, seed=6)
+        return CohortModule(BNNet, size=5, optimizer=ADAM), dm(num_members=5), [swarm], dict(limits, max_epochs=2)
+    raise KeyError(name)
+
+
+CASES = ("independent", "independent_stacked", "swarm", "swarm_metric", "voting", "fedavg", "krum", "pofl", "mutual")
+
+
+def decisions(callbacks: list[Any], module: L.LightningModule) -> dict[str, Any]:
+    """What the algorithm decided: moves, votes, rounds (without timings), the ledger's blocks, DML's losses."""
+    found: dict[str, Any] = {}
+    for cb in callbacks:
+        if isinstance(cb, ParticleSwarm):
+            found["moves"] = cb.history
+        elif isinstance(cb, CollectiveVoting):
+            found["votes"] = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in cb.results]
+        elif isinstance(cb, (FederatedAveraging, ProofOfLearning)):
+            found["rounds"] = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in cb.history]
+    if isinstance(module, MutualLearning):
+        found["losses"] = module.loss_history
+    return found
+
+
+def run_case(name: str, out: Path, world: int, ckpt_path: str | None = None, max_epochs: int | None = None,
+             save_checkpoints: bool = False) -> dict[str, Any] | None:
+    """Run case ``name`` on ``world`` processes (1, or 2 under torchrun); rank 0 returns (and saves) its result."""
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(0, verbose=False)
+    module, datamodule, callbacks, limits = _case(name, out)
+    if max_epochs is not None:
+        limits["max_epochs"] = max_epochs
+    if save_checkpoints:
+        callbacks = [*callbacks, EpochCheckpoint(out / f"{name}_checkpoints")]
+    distributed = dict(strategy="ddp", devices=world) if world > 1 else dict(devices=1)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=save_checkpoints, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=callbacks,
+        default_root_dir=str(out), **distributed, **limits,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of torchrun's processes: the same float sums in every run
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    finally:
+        torch.set_num_threads(threads)
+    if not trainer.is_global_zero:
+        return None
+    result = {
+        "state": {k: v.detach().clone() for k, v in module.state_dict().items()},
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+        "global_step": trainer.global_step,
+        "decisions": decisions(callbacks, module),
+    }
+    torch.save(result, out / f"{name}.pt")
+    return result
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--resume", help="a checkpoint written by one process after epoch 1, to resume on two")
+    parser.add_argument("--cases", nargs="*", default=list(CASES))
+    args = parser.parse_args(argv)
+    for name in args.cases:
+        run_case(name, args.out, world=2)
+    # checkpoints across process counts: epoch 1 on two processes (resumed on one by the test) ...
+    run_case("resume_from_two", args.out / "two", world=2, max_epochs=1, save_checkpoints=True)
+    if args.resume:  # ... and one process's epoch-1 checkpoint resumed on two
+        run_case("resume_from_one", args.out, world=2, ckpt_path=args.resume)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,124 @@
+"""Members across 2 CPU processes (gloo) equal one process: weights, metrics and every decision, per algorithm.
+
+The two-process runs are one ``torchrun --nproc-per-node 2 tests/ddp_cases.py``
+(Lightning's ``strategy="ddp"``, all cases in the same two processes, so the
+process start-up is paid once); each test runs its case in this process and
+compares. ``ddp_spawn`` is exercised through the CLI in ``test_cli_ddp_spawn``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ddp_cases import CASES, run_case
+
+pytestmark = pytest.mark.slow
+
+HERE = Path(__file__).parent
+# Both sides run one thread per process, so each member computes the same float sums: weights and
+# decisions are bit-for-bit equal. Metrics sum their batches in another order (rank 1's share is added
+# to rank 0's), so they agree to float rounding.
+METRIC_TOL = 1e-6
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """Run every case on 2 processes (and the checkpoint crossings); returns where rank 0 saved the results."""
+    root = tmp_path_factory.mktemp("ddp")
+    one = root / "one"
+    run_case("resume_from_one", one, world=1, max_epochs=1, save_checkpoints=True)  # epoch 1 in one process
+    out = root / "two"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           str(HERE / "ddp_cases.py"), str(out), "--resume", str(one / "resume_from_one_checkpoints" / "last.ckpt")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_same(one, two, where: str = "", tol: float = 0.0) -> None:
+    """Equal structures and values (tensors and floats within relative ``tol``, 0: bit-for-bit)."""
+    if isinstance(one, torch.Tensor):
+        assert isinstance(two, torch.Tensor), where
+        if one.is_floating_point():
+            torch.testing.assert_close(two, one, rtol=tol, atol=tol, equal_nan=True, msg=lambda m: f"{where}: {m}")
+        else:
+            assert torch.equal(one, two), where
+    elif isinstance(one, float) and isinstance(two, float):
+        assert (math.isnan(one) and math.isnan(two)) or math.isclose(one, two, rel_tol=tol, abs_tol=tol), f"{where}: {one} != {two}"
+    elif isinstance(one, dict):
+        assert isinstance(two, dict) and one.keys() == two.keys(), f"{where}: keys {sorted(one)} != {sorted(two)}"
+        for k in one:
+            assert_same(one[k], two[k], f"{where}.{k}", tol)
+    elif isinstance(one, (list, tuple)):
+        assert len(one) == len(two), f"{where}: length {len(one)} != {len(two)}"
+        for k, (a, b) in enumerate(zip(one, two)):
+            assert_same(a, b, f"{where}[{k}]", tol)
+    else:
+        assert one == two, f"{where}: {one!r} != {two!r}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_equal_one(case, two_processes, tmp_path):
+    one = run_case(case, tmp_path, world=1)
+    two = torch.load(two_processes / f"{case}.pt", weights_only=False)
+    assert two["global_step"] == one["global_step"] > 0
+    assert_same(one["decisions"], two["decisions"], "decisions")
+    assert_same(one["state"], two["state"], "state")
+    assert_same(one["metrics"], two["metrics"], "metrics", METRIC_TOL)
+    # the runs did something to compare: decisions were taken, members differ from their initial weights
+    if case not in ("independent", "independent_stacked"):
+        assert any(one["decisions"].values())
+
+
+def test_ledger_written_once(two_processes, tmp_path):
+    from lightning_colearn.ledger import Ledger
+
+    one = run_case("pofl", tmp_path, world=1)
+    blocks = [r["block"] for r in one["decisions"]["rounds"] if r["block"] is not None]
+    assert blocks, "the case should append blocks"
+    ledger = Ledger(two_processes / "ledger.db")
+    single = Ledger(tmp_path / "ledger.db")
+    try:  # rank 0 alone wrote: each block once, the same rounds and winners as in one process, an intact chain
+        assert len(ledger) == len(single) == len(blocks)
+        assert ledger.verify().ok
+        assert [(b.round, b.winner) for b in map(ledger.block, range(len(ledger)))] == \
+            [(b.round, b.winner) for b in map(single.block, range(len(single)))]
+    finally:
+        ledger.close()
+        single.close()
+
+
+def test_checkpoint_from_two_processes_resumes_in_one(two_processes, tmp_path):
+    uninterrupted = run_case("uninterrupted", tmp_path / "a", world=1)
+    ckpt = two_processes / "two" / "resume_from_two_checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=False)
+    states = checkpoint["optimizer_states"][0]["members"]
+    assert all(s["state"] for s in states), "every member's Adam state, from the rank that trained it"
+    resumed = run_case("resume_from_two", tmp_path / "b", world=1, ckpt_path=str(ckpt))
+    assert resumed["global_step"] == uninterrupted["global_step"]
+    assert_same(uninterrupted["decisions"], resumed["decisions"], "decisions")
+    assert_same(uninterrupted["state"], resumed["state"], "state")
+
+
+def test_checkpoint_from_one_process_resumes_in_two(two_processes, tmp_path):
+    uninterrupted = run_case("uninterrupted", tmp_path, world=1)
+    resumed = torch.load(two_processes / "resume_from_one.pt", weights_only=False)
+    assert resumed["global_step"] == uninterrupted["global_step"]
+    assert_same(uninterrupted["decisions"], resumed["decisions"], "decisions")
+    assert_same(uninterrupted["state"], resumed["state"], "state")
