@@ -11,6 +11,7 @@ Examples::
     colearn cohort.size=8 model=convnet trainer.precision=bf16-mixed
     colearn -m seed=0,1,2 model=logistic_regression,mlp
     colearn hydra.run.dir=outputs/my_run ckpt_path=last # resume that run from its last checkpoint
+    colearn experiment=swarm_mnist trainer.strategy=ddp_spawn trainer.devices=2 trainer.accelerator=cpu
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from lightning_colearn.callbacks.checkpoint import EpochCheckpoint
@@ -37,6 +40,12 @@ from lightning_colearn._checks import is_int_at_least
 __all__ = ["ConfigError", "main", "train", "validate_config"]
 
 ALGORITHMS = ("independent", "swarm", "mutual", "voting", "fedavg", "pofl")
+
+# conf/hydra/launcher/joblib.yaml shadows the joblib plugin's config of that name on purpose (so that
+# `hydra/launcher=joblib` runs 2 jobs at a time) and lists every field itself; Hydra's notice that it
+# still matches the plugin's schema by name is about that, and repeats in every job.
+warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema",
+                        category=UserWarning)
 
 
 class ConfigError(ValueError):
@@ -60,6 +69,12 @@ def validate_config(cfg: DictConfig) -> None:
     lr = OmegaConf.select(cfg, "optimizer.lr")
     if lr is not None and (not isinstance(lr, (int, float)) or isinstance(lr, bool) or not lr > 0 or not math.isfinite(lr)):
         raise ConfigError(f"optimizer.lr must be a finite number > 0, got {lr!r}")
+    strategy, devices = OmegaConf.select(cfg, "trainer.strategy"), OmegaConf.select(cfg, "trainer.devices")
+    if isinstance(strategy, str) and strategy.startswith("ddp") and isinstance(devices, int) and devices > cfg.cohort.size:
+        raise ConfigError(
+            f"trainer.devices must be <= cohort.size ({cfg.cohort.size}) with trainer.strategy={strategy} (the members "
+            f"are sharded over the processes), got {devices}"
+        )
     ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "last") and not Path(str(ckpt)).is_file():
         raise ConfigError(f"ckpt_path must be null, 'last' or an existing checkpoint file, got {ckpt!r}")
@@ -144,8 +159,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks.append(callback)
     callbacks.append(EpochCheckpoint(out / "checkpoints"))  # last.ckpt after every epoch: kills resume from there
     logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
+    if logger:  # fix the version here: ddp_spawn's processes then log fit and test into this one directory
+        _ = logger.version
     trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, default_root_dir=str(out))
-    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    if rank_zero_only.rank == 0:  # under strategy=ddp every process runs this function
+        OmegaConf.save(cfg, out / "config.yaml", resolve=True)
 
     _check_checkpoint(cfg.get("ckpt_path"), out)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -153,10 +171,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("test", True):
         for metrics in trainer.test(module, datamodule=datamodule, verbose=False):
             results.update({k: float(v) for k, v in metrics.items()})
+    if not trainer.is_global_zero:
+        return results
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    plots = _plots(cfg, trainer, module, datamodule, out) if cfg.get("plots", True) and trainer.is_global_zero else []
-    if trainer.is_global_zero:
-        _report(out, results, plots, _metrics_csv(trainer))
+    plots = _plots(cfg, trainer, module, datamodule, out) if cfg.get("plots", True) else []
+    _report(out, results, plots, _metrics_csv(trainer))
     return results
 
 

@@ -47,6 +47,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -168,7 +169,7 @@ class CohortModule(L.LightningModule):
         self.loss_terms: list[Callable[[int], Tensor]] = []
         #: Members the most recent training step updated (callbacks count a round's steps with it).
         self.stepped_members: list[int] = []
-        self._member_logs: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+        self._member_logs: dict[str, dict[int, list[float]]] = defaultdict(_per_member_lists)  # (no lambda: ddp_spawn pickles the module)
         # Members across ranks (set at setup under a DDP strategy): this rank, the process count, the
         # members whose copies on non-owning ranks are stale, and whether evaluation splits its batches.
         self._rank, self._world_size = 0, 1
@@ -255,6 +256,12 @@ class CohortModule(L.LightningModule):
     def owned_members(self) -> list[int]:
         """The members this process trains: all of them in one process, ``i % world_size == rank`` under DDP."""
         return D.owned_members(self.size, self._rank, self._world_size)
+
+    @property
+    def sync_logs(self) -> bool:
+        """``sync_dist`` for epoch-level logs: under DDP every rank logs the same value (Lightning expects the
+        sync there, and the mean of equal values is that value, exactly)."""
+        return self._world_size > 1
 
     def sync_members(self, members: list[int] | None = None) -> None:
         """Bring this process's copies of ``members`` (default: all) up to date from the ranks that train them.
@@ -422,7 +429,7 @@ class CohortModule(L.LightningModule):
         trained = (self._epoch_steps > 0).nonzero().flatten().tolist()
         if trained:
             means = self._epoch_loss[trained] / self._epoch_steps[trained]
-            self.log_dict({f"train_loss/member_{i}": float(v) for i, v in zip(trained, means)})
+            self.log_dict({f"train_loss/member_{i}": float(v) for i, v in zip(trained, means)}, sync_dist=self.sync_logs)
         self._log_member_means("train")
         self._step_schedulers("epoch")
 
@@ -489,12 +496,14 @@ class CohortModule(L.LightningModule):
             metric: CohortMetric = getattr(self, f"{stage}_{name}")
             if not self._any_rank(bool(metric.updated())):  # under DDP compute() syncs: all ranks or none
                 continue
-            values = metric.compute()
+            with warnings.catch_warnings():  # under DDP a rank may have had no batch of a short evaluation set
+                warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+                values = metric.compute()
             _, best = metric.best(values)
             logged = {f"{stage}_{name}/member_{i}": values[i] for i in range(self.size)}
             logged[f"{stage}_{name}/best"] = best
-            self.log_dict(logged)
-            self.log(f"{stage}_{name}/mean", values.mean(), prog_bar=True)
+            self.log_dict(logged, sync_dist=self.sync_logs)
+            self.log(f"{stage}_{name}/mean", values.mean(), prog_bar=True, sync_dist=self.sync_logs)
             metric.reset()
 
     # ------------------------------------------------------ wrapped modules
@@ -565,7 +574,7 @@ class CohortModule(L.LightningModule):
             means = [sum(v) / len(v) for v in per_member.values() if v]
             if means:
                 # under DDP each rank knows its own members' (training) or its batches' (evaluation) values
-                self.log(f"{key.split('|', 1)[1]}/mean", sum(means) / len(means), sync_dist=self._world_size > 1)
+                self.log(f"{key.split('|', 1)[1]}/mean", sum(means) / len(means), sync_dist=self.sync_logs)
 
     # ------------------------------------------------------------- optimizers
     def member_optimizers(self) -> list[Optimizer]:
@@ -788,6 +797,10 @@ class _DDPAnchor(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # noqa: ANN001
         pass
+
+
+def _per_member_lists() -> defaultdict[int, list[float]]:
+    return defaultdict(list)
 
 
 def _loaders(loaders: Any) -> list[Any]:

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_colearn._io import rank_zero_log_dir
 from lightning_colearn import distributed as D
 from lightning_colearn.cohort import Cohort
 from lightning_colearn.functional.distillation import MODES, mutual_learning_losses
@@ -138,7 +139,7 @@ class MutualLearning(CohortModule):
             means = (self._epoch_loss / self._epoch_steps.clamp(min=1)).tolist()
             self.loss_history.append((self.current_epoch, means))
             ce, mimic = (self._epoch_parts / steps).tolist()
-            self.log_dict({"train_ce/mean": ce, "train_mimicry/mean": mimic})
+            self.log_dict({"train_ce/mean": ce, "train_mimicry/mean": mimic}, sync_dist=self.sync_logs)
         super().on_train_epoch_end()
 
     # ------------------------------------------------------------- evaluation
@@ -162,18 +163,19 @@ class MutualLearning(CohortModule):
             return
         metric = getattr(self, f"{stage}_ensemble_acc")
         if self._any_rank(bool(metric.update_count)):
-            self.log(f"{stage}_acc/ensemble", metric.compute())
+            self.log(f"{stage}_acc/ensemble", metric.compute(), sync_dist=self.sync_logs)
             metric.reset()
 
     # ------------------------------------------------------------- artefacts
     def on_train_end(self) -> None:
         super().on_train_end()
         trainer = self.trainer
-        if not trainer.is_global_zero or not trainer.loggers or not trainer.log_dir or not self.loss_history:
+        out = rank_zero_log_dir(trainer)  # (without a logger log_dir would be the working directory)
+        if out is None or not self.loss_history:
             return
         from lightning_colearn import plots  # matplotlib only here
 
-        path = plots.plot_student_losses(self.loss_history, Path(trainer.log_dir) / "mutual_losses.png")
+        path = plots.plot_student_losses(self.loss_history, out / "mutual_losses.png")
         plots.log_figure(trainer, "mutual_losses", path)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

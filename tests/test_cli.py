@@ -113,7 +113,7 @@ def test_config_file_composes_and_trains(make_cfg, tmp_path, group, name):
     assert OmegaConf.to_container(saved) == OmegaConf.to_container(cfg, resolve=True)
     # the group's file was really applied (keys the overrides above did not touch)
     own = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{name}.yaml"), resolve=False)
-    if group != "experiment":  # (experiment files are @package _global_)
+    if group not in ("experiment", "hparams_search"):  # (their files are @package _global_)
         touched = {o.lstrip("+").split("=")[0] for o in overrides}
         for key, value in own.items():
             if key != "defaults" and f"{group}.{key}" not in touched and "${" not in str(value):

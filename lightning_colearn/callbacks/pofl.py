@@ -284,7 +284,7 @@ class ProofOfLearning(ClientRounds):
         super().log_round(pl_module, record)
         logged = {"pofl/blocks": float(self._next_block_index())}
         logged.update({f"pofl/miner_{m}": s for m, s in enumerate(record["scores"]) if s is not None})
-        pl_module.log_dict(logged, on_step=False, on_epoch=True)
+        pl_module.log_dict(logged, on_step=False, on_epoch=True, sync_dist=pl_module.sync_logs)
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

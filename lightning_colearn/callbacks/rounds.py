@@ -29,8 +29,9 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_colearn._seeded import PicklableGenerator
 from lightning_colearn._checks import is_int_at_least
-from lightning_colearn._io import write_csv
+from lightning_colearn._io import rank_zero_log_dir, write_csv
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.metrics.cohort import higher_is_better
 from lightning_colearn.metrics.scoring import score
@@ -52,7 +53,7 @@ def own_pass_steps(trainer: L.Trainer, member: int) -> float:
     return math.inf
 
 
-class ClientRounds(Callback):
+class ClientRounds(PicklableGenerator, Callback):
     """Base class: client sampling, local epochs, server evaluation, stopping (see the module docstring).
 
     Args:
@@ -237,7 +238,7 @@ class ClientRounds(Callback):
         logged = {f"{self.name}/round": float(record["round"])}
         if record.get("score") is not None:
             logged[f"{self.name}/score"] = float(record["score"])
-        pl_module.log_dict(logged, on_step=False, on_epoch=True)
+        pl_module.log_dict(logged, on_step=False, on_epoch=True, sync_dist=pl_module.sync_logs)
 
     # --------------------------------------------------------------- results
     def write_history(self, path: str | Path) -> Path:
@@ -248,11 +249,11 @@ class ClientRounds(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         # Without a logger, log_dir falls back to the working directory: write nothing there.
-        if not trainer.is_global_zero or not trainer.loggers or not trainer.log_dir or not self.history:
+        out = rank_zero_log_dir(trainer)
+        if out is None or not self.history:
             return
         from lightning_colearn import plots  # matplotlib only here
 
-        out = Path(trainer.log_dir)
         self.write_history(out / f"{self.name}_rounds.csv")
         path = plots.plot_rounds(self.history, out / f"{self.name}_rounds.png", title=type(self).__name__, target=self.target)
         plots.log_figure(trainer, f"{self.name}_rounds", path)

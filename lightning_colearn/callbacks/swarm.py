@@ -44,13 +44,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_colearn._seeded import PicklableGenerator
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.swarm import gaussian_perturb_, move_toward_, plan_moves, select_particles
 from lightning_colearn.metrics.cohort import higher_is_better
 from lightning_colearn.metrics.scoring import score
 from lightning_colearn.module import CohortModule
 from lightning_colearn._checks import is_int_at_least
-from lightning_colearn._io import write_csv
+from lightning_colearn._io import rank_zero_log_dir, write_csv
 
 __all__ = ["ParticleSwarm"]
 
@@ -58,7 +59,7 @@ BUFFER_MODES = ("move", "copy", "keep")
 MOVE_MODES = ("selected", "all")
 
 
-class ParticleSwarm(Callback):
+class ParticleSwarm(PicklableGenerator, Callback):
     """Particle-swarm moves between the members of a :class:`CohortModule`.
 
     Args:
@@ -255,9 +256,9 @@ class ParticleSwarm(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         # Without a logger, log_dir falls back to the working directory: write nothing there
         # (history and curves stay on the callback; write_history() saves them on demand).
-        if not trainer.is_global_zero or not trainer.loggers or not trainer.log_dir:
+        out = rank_zero_log_dir(trainer)
+        if out is None:
             return
-        out = Path(trainer.log_dir)
         if self.history:
             self.write_history(out / "swarm_moves.csv")
         if self.curves or self.history:

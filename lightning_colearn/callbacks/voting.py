@@ -55,8 +55,9 @@ from lightning.pytorch.callbacks import Callback
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from lightning_colearn._seeded import PicklableGenerator
 from lightning_colearn._checks import is_int_at_least
-from lightning_colearn._io import write_csv
+from lightning_colearn._io import rank_zero_log_dir, write_csv
 from lightning_colearn.callbacks.rounds import is_last_batch, own_pass_steps
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.voting import best_voted, cast_votes, is_accepted
@@ -69,7 +70,7 @@ __all__ = ["CollectiveVoting", "PROPOSERS"]
 PROPOSERS = ("round_robin", "random", "all")
 
 
-class CollectiveVoting(Callback):
+class CollectiveVoting(PicklableGenerator, Callback):
     """colearn's vote-to-accept protocol between the learners (members) of a :class:`CohortModule`.
 
     Args:
@@ -350,7 +351,7 @@ class CollectiveVoting(Callback):
         }
         logged.update({f"vote_score/member_{j}": s for j, s in enumerate(record["scores"]) if not math.isnan(s)})
         logged.update({f"vote_test/member_{j}": s for j, s in enumerate(record["test"])})
-        pl_module.log_dict(logged, on_step=False, on_epoch=True)
+        pl_module.log_dict(logged, on_step=False, on_epoch=True, sync_dist=pl_module.sync_logs)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         # Lightning validates after the round's last batch, i.e. after the vote: keep each learner's
@@ -387,11 +388,11 @@ class CollectiveVoting(Callback):
     def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         # Without a logger, log_dir falls back to the working directory: write nothing there
         # (results stay on the callback; write_results() and the plots save them on demand).
-        if not trainer.is_global_zero or not trainer.loggers or not trainer.log_dir or not self.results:
+        out = rank_zero_log_dir(trainer)
+        if out is None or not self.results:
             return
         from lightning_colearn import plots  # matplotlib only here
 
-        out = Path(trainer.log_dir)
         self.write_results(out / "voting_results.csv")
         for name, plot in (("voting_results", plots.plot_vote_results), ("voting_votes", plots.plot_votes)):
             path = plot(self.results, out / f"{name}.png")
