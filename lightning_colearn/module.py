@@ -175,6 +175,7 @@ class CohortModule(L.LightningModule):
         self._rank, self._world_size = 0, 1
         self._stale: set[int] = set()
         self._shard_eval = False
+        self._losses_shared = True
         if not self.wraps_lightning:
             self.val_loss = CohortMetric(MeanMetric(), n, maximize=False)
             self.test_loss = CohortMetric(MeanMetric(), n, maximize=False)
@@ -305,7 +306,7 @@ class CohortModule(L.LightningModule):
         if self._world_size > 1:
             self._no_gradient_sync()
         member_losses = self.cohort_losses(batch, batch_idx)
-        stepped, losses, total = list(member_losses), None, None
+        own, losses, total = list(member_losses), None, None
         if member_losses:
             vector = getattr(member_losses, "vector", None)
             if vector is not None:  # stacked: one sum, one write (not N selects and adds)
@@ -317,21 +318,58 @@ class CohortModule(L.LightningModule):
             # The members share no parameters (or, in MutualLearning, see each other only detached),
             # so one backward over the sum gives every member exactly its own gradient.
             self.manual_backward(total)
-        if self._world_size > 1:  # every rank learns which members stepped, and their losses
-            stepped, losses = self._share_step(stepped, losses)
+        stepped, written = own, own
+        if self._world_size > 1:
+            stepped = self._stepping_members()
+            if stepped is None:  # a member's step may return None: every rank learns which stepped, and their losses
+                stepped, losses = self._share_step(own, losses)
+                written = stepped
+            else:  # no exchange per step (ranks run unsynchronised between rules); losses are shared when read
+                self._losses_shared = False
+            self._stale.update(stepped)
         if not stepped:
             return None
-        own = stepped if self._world_size == 1 else [i for i in stepped if i in member_losses]
         self.stepped_members = stepped
         # every rank steps (its own members): Lightning counts global_step on each rank alike
         opt.step(members=own)
         self._step_schedulers("step")
-        self.last_loss[stepped] = losses
-        self._epoch_loss[stepped] += losses
-        self._epoch_steps[stepped] += 1
+        if written:
+            self.last_loss[written] = losses
+            self._epoch_loss[written] += losses
+            self._epoch_steps[written] += 1
         if self._log_this_step(batch_idx):
-            self.log("train_loss/mean", losses.mean(), prog_bar=True, batch_size=_batch_size(batch))
+            self.share_losses()
+            self.log("train_loss/mean", self.last_loss[stepped].mean(), prog_bar=True, batch_size=_batch_size(batch))
         return None if total is None else total.detach()
+
+    def _stepping_members(self) -> list[int] | None:
+        """The members this step trains on all ranks together, when known without asking the other ranks.
+
+        Every active member of plain modules steps; a wrapped LightningModule's (or an
+        overridden) step may return None, so those are exchanged (``None`` here).
+        """
+        plain = type(self).member_training_step is CohortModule.member_training_step and not self.wraps_lightning
+        return self._active() if plain and type(self).cohort_losses is CohortModule.cohort_losses else None
+
+    def share_losses(self) -> None:
+        """Make every member's last training loss and this epoch's loss sums known on every rank.
+
+        Under DDP each rank updates only its own members' entries of :attr:`last_loss`
+        between communication points; rules that read them call this first (a collective:
+        one ``all_reduce``, skipped when nothing changed). In one process it does nothing.
+        """
+        if self._world_size == 1 or self._losses_shared:
+            return
+        own = self.owned_members
+        mine = torch.zeros(3, self.size, dtype=torch.float64, device=self.last_loss.device)
+        mine[0, own] = self.last_loss[own].double()  # a never-trained member's NaN passes through the sum
+        mine[1, own] = self._epoch_loss[own].double()
+        mine[2, own] = self._epoch_steps[own].double()
+        total = self.trainer.strategy.reduce(mine, reduce_op="sum")
+        self.last_loss.copy_(total[0])
+        self._epoch_loss.copy_(total[1])
+        self._epoch_steps.copy_(total[2].round().long())
+        self._losses_shared = True
 
     def _no_gradient_sync(self) -> None:
         # DDP would average the gradients across ranks, i.e. across different members. The members share no
@@ -349,7 +387,6 @@ class CohortModule(L.LightningModule):
             shared[1, stepped] = 1
         shared = self.trainer.strategy.reduce(shared, reduce_op="sum")
         everyone = shared[1].nonzero().flatten()
-        self._stale.update(everyone.tolist())
         return everyone.tolist(), shared[0, everyone]
 
     def cohort_losses(self, batch: Any, batch_idx: int) -> dict[int, Tensor]:
@@ -426,6 +463,7 @@ class CohortModule(L.LightningModule):
         self._epoch_steps.zero_()
 
     def on_train_epoch_end(self) -> None:
+        self.share_losses()
         trained = (self._epoch_steps > 0).nonzero().flatten().tolist()
         if trained:
             means = self._epoch_loss[trained] / self._epoch_steps[trained]
@@ -509,7 +547,7 @@ class CohortModule(L.LightningModule):
     # ------------------------------------------------------ wrapped modules
     def setup(self, stage: str) -> None:
         self._rank, self._world_size = self.trainer.global_rank, self.trainer.world_size
-        self._stale = set()  # every rank starts from the same members (DDP broadcasts rank 0's at wrap time)
+        self._stale, self._losses_shared = set(), True  # every rank starts from the same members (DDP broadcasts rank 0's at wrap time)
         if self._world_size > 1 and not any(p.requires_grad for p in self.parameters()):
             # a stacked cohort keeps its trainable tensors outside the module tree (the members hold views),
             # and DDP refuses a module without a trainable parameter: give it one it never has to sync
@@ -532,11 +570,12 @@ class CohortModule(L.LightningModule):
             ):
                 raise ValueError(
                     "CohortModule under DDP shards the members over the ranks, and every rank must see every "
-                    "training batch, but the training loader was split over the ranks (a DistributedSampler); "
-                    "pass Trainer(use_distributed_sampler=False)"
+                    "training batch, but the training loader was split over the ranks (a DistributedSampler, which "
+                    "Lightning's default use_distributed_sampler=True puts in); pass Trainer(use_distributed_sampler=False)"
                 )
 
     def on_train_end(self) -> None:
+        self.share_losses()
         self.sync_members()  # every rank (rank 0 for ddp_spawn's hand-back, trainer.test) holds the final members
 
     def teardown(self, stage: str) -> None:
@@ -639,6 +678,7 @@ class CohortModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cohort_lr_schedulers"] = [None if c is None else c["scheduler"].state_dict() for c in self._schedulers]
         if self._world_size > 1:  # a checkpoint holds every member, whichever rank trained it
+            self.share_losses()
             self.sync_members()
             checkpoint["state_dict"] = self.trainer.strategy.lightning_module_state_dict()
             if checkpoint.get("optimizer_states"):

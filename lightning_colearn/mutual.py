@@ -133,7 +133,11 @@ class MutualLearning(CohortModule):
         super().on_train_epoch_start()
         self._epoch_parts.zero_()
 
+    def _stepping_members(self) -> list[int] | None:
+        return list(range(self.size))  # every student, every step
+
     def on_train_epoch_end(self) -> None:
+        self.share_losses()
         steps = int(self._epoch_steps.max())
         if steps > 0:
             means = (self._epoch_loss / self._epoch_steps.clamp(min=1)).tolist()

@@ -13,6 +13,7 @@ global step and the algorithm's decisions (moves, votes, rounds, blocks).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from functools import partial
 from pathlib import Path
@@ -94,7 +95,7 @@ def decisions(callbacks: list[Any], module: L.LightningModule) -> dict[str, Any]
 
 
 def run_case(name: str, out: Path, world: int, ckpt_path: str | None = None, max_epochs: int | None = None,
-             save_checkpoints: bool = False) -> dict[str, Any] | None:
+             save_checkpoints: bool = False, **trainer_kwargs: Any) -> dict[str, Any] | None:
     """Run case ``name`` on ``world`` processes (1, or 2 under torchrun); rank 0 returns (and saves) its result."""
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0, verbose=False)
@@ -105,9 +106,9 @@ def run_case(name: str, out: Path, world: int, ckpt_path: str | None = None, max
         callbacks = [*callbacks, EpochCheckpoint(out / f"{name}_checkpoints")]
     distributed = dict(strategy="ddp", devices=world) if world > 1 else dict(devices=1)
     trainer = L.Trainer(
-        accelerator="cpu", logger=False, enable_checkpointing=save_checkpoints, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=callbacks,
-        default_root_dir=str(out), **distributed, **limits,
+        **{**dict(accelerator="cpu", logger=False, enable_checkpointing=save_checkpoints, enable_progress_bar=False,
+                  enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=callbacks,
+                  default_root_dir=str(out)), **distributed, **limits, **trainer_kwargs},
     )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of torchrun's processes: the same float sums in every run
@@ -139,6 +140,12 @@ def main(argv: list[str]) -> None:
     run_case("resume_from_two", args.out / "two", world=2, max_epochs=1, save_checkpoints=True)
     if args.resume:  # ... and one process's epoch-1 checkpoint resumed on two
         run_case("resume_from_one", args.out, world=2, ckpt_path=args.resume)
+    # a training loader split over the ranks (Lightning's default sampler) is refused, on every rank
+    try:
+        run_case("independent", args.out / "split", world=2, use_distributed_sampler=True)
+    except ValueError as err:
+        if int(os.environ.get("RANK", 0)) == 0:
+            (args.out / "split_loader_error.txt").write_text(str(err))
 
 
 if __name__ == "__main__":

@@ -28,8 +28,30 @@ HERE = Path(__file__).parent
 METRIC_TOL = 1e-6
 
 
+# The issue's command line, on a few batches: a swarm over 2 processes started by ddp_spawn.
+CLI_DDP_SPAWN = ["algorithm=swarm", "cohort.size=3", "model=logistic_regression", "trainer=debug", "trainer.max_epochs=2",
+                 "++trainer.limit_train_batches=4", "trainer.strategy=ddp_spawn", "trainer.devices=2",
+                 "trainer.accelerator=cpu", "algorithm.callbacks.swarm.every_n_steps=2",
+                 "algorithm.callbacks.swarm.n_particles=3", "test=false", "plots=false", "data.batch_size=32"]
+
+
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory) -> Path:
+def cli_ddp_spawn(tmp_path_factory):
+    """``colearn ... trainer.strategy=ddp_spawn trainer.devices=2``, started at once (it runs beside the torchrun)."""
+    out = tmp_path_factory.mktemp("cli_ddp_spawn")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    log = (out / "colearn.log").open("w")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("colearn")), *CLI_DDP_SPAWN, f"hydra.run.dir={out / 'run'}"],
+                            cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
+    yield out, proc
+    if proc.poll() is None:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory, cli_ddp_spawn) -> Path:
     """Run every case on 2 processes (and the checkpoint crossings); returns where rank 0 saved the results."""
     root = tmp_path_factory.mktemp("ddp")
     one = root / "one"
@@ -122,3 +144,33 @@ def test_checkpoint_from_one_process_resumes_in_two(two_processes, tmp_path):
     assert resumed["global_step"] == uninterrupted["global_step"]
     assert_same(uninterrupted["decisions"], resumed["decisions"], "decisions")
     assert_same(uninterrupted["state"], resumed["state"], "state")
+
+
+def test_training_loader_split_over_ranks_is_refused(two_processes):
+    message = (two_processes / "split_loader_error.txt").read_text()
+    assert "use_distributed_sampler=True" in message and "Trainer(use_distributed_sampler=False)" in message
+
+
+def test_cli_ddp_spawn_runs_the_swarm_on_two_processes(cli_ddp_spawn, two_processes):
+    out, proc = cli_ddp_spawn
+    assert proc.wait(timeout=600) == 0, (out / "colearn.log").read_text()[-3000:]
+    run = out / "run"
+    logs = sorted((run / "logs").iterdir())
+    assert [p.name for p in logs] == ["version_0"]  # fit's processes and this one log into one version
+    moves = (logs[0] / "swarm_moves.csv").read_text().splitlines()
+    assert len(moves) == 1 + 4  # header + a move every 2 of 8 steps, written once, by rank 0
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 8
+    assert all(s["state"] for s in checkpoint["optimizer_states"][0]["members"])  # members of both ranks
+
+
+def test_config_refuses_more_processes_than_members():
+    from hydra import compose, initialize_config_module
+
+    from lightning_colearn.cli import ConfigError, validate_config
+
+    with initialize_config_module("lightning_colearn.conf", version_base="1.3"):
+        cfg = compose("config", overrides=["cohort.size=2", "trainer.strategy=ddp", "trainer.devices=3"])
+    with pytest.raises(ConfigError, match=r"trainer.devices must be <= cohort.size \(2\).*got 3"):
+        validate_config(cfg)
+

@@ -190,7 +190,8 @@ class ParticleSwarm(PicklableGenerator, Callback):
 
     def fitness(self, trainer: L.Trainer, pl_module: CohortModule, chosen: Tensor) -> Tensor:
         """Fitness of each drawn member (one value per entry of ``chosen``)."""
-        if self.metric is None:  # (under DDP every rank knows every member's last loss)
+        if self.metric is None:
+            pl_module.share_losses()  # under DDP: every member's loss from the rank that trains it
             return pl_module.last_loss.detach().cpu()[chosen]
         members = sorted(set(chosen.tolist()))
         # each member is scored by the rank that trains it (no weights move for fitness)
