@@ -123,6 +123,7 @@ def run_case(name: str, out: Path, world: int, ckpt_path: str | None = None, max
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
         "global_step": trainer.global_step,
         "decisions": decisions(callbacks, module),
+        "out": out,
     }
     torch.save(result, out / f"{name}.pt")
     return result

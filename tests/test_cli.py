@@ -20,10 +20,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 import lightning_colearn.conf
-from lightning_colearn.cli import ConfigError, train
+from lightning_colearn.cli import _USER_ERRORS, ConfigError, train
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST, default_root
 from lightning_colearn.plots import read_metrics_csv
 
@@ -208,8 +209,11 @@ ERROR_CASES = {  # id: (overrides, field named in the message, bad value shown i
     "backend_name": (["cohort.backend=fast"], "cohort.backend", "'fast'"),
     "stacked_heterogeneous": (["algorithm=mutual", "cohort=heterogeneous_3", "cohort.backend=stacked"], "cohort.backend", "members 0 and 2"),
 }
+# Every case is checked in-process (test_bad_config_is_one_clear_error); these also through the installed
+# command, one per place an error can come from: the config check, Hydra's composition, the data, a callback.
+COMMAND_ERROR_CASES = ("cohort_size", "unknown_model", "missing_data", "voting_no_vote_data")
 CLI_JOBS = {
-    **{case: [*overrides, "trainer=debug", "hydra.run.dir={tmp}/run"] for case, (overrides, _, _) in ERROR_CASES.items()},
+    **{case: [*ERROR_CASES[case][0], "trainer=debug", "hydra.run.dir={tmp}/run"] for case in COMMAND_ERROR_CASES},
     "multirun": ["-m", "seed=0,1", "model=logistic_regression,mlp", "trainer=debug", "plots=false",
                  "hydra.sweep.dir={tmp}/multi"],
     "default_run": ["trainer=debug", "hydra.run.dir={tmp}/run"],
@@ -256,7 +260,25 @@ def test_colearn_script_is_installed():
     assert COLEARN.is_file(), f"{COLEARN} missing: pip install -e ."
 
 
-@pytest.mark.parametrize("cli_job", list(ERROR_CASES))
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_bad_config_is_one_clear_error(case, make_cfg, tmp_path):
+    """What the command prints as its one error line: the field, the value and what is allowed; nothing written."""
+    overrides, field, value = ERROR_CASES[case]
+    overrides, value = [o.format(tmp=tmp_path) for o in overrides], value.format(tmp=tmp_path)
+    try:
+        cfg = make_cfg(*overrides, "trainer=debug")
+    except HydraException as err:  # composition: Hydra's own one-line error (an unknown config name)
+        message = str(err)
+    else:
+        with pytest.raises(_USER_ERRORS) as info:
+            train(cfg)
+        message = str(info.value)
+    assert field in message, message
+    assert re.search(rf"(?<![\w.-]){re.escape(value)}(?![\w.])", message), message
+    assert not (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("cli_job", COMMAND_ERROR_CASES)
 def test_bad_override_exits_with_a_one_line_error(cli_run, cli_job):
     tmp, proc = cli_run
     output = proc.stdout + proc.stderr

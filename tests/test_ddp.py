@@ -65,6 +65,19 @@ def two_processes(tmp_path_factory, cli_ddp_spawn) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """``one_process(case)``: the case's 1-process result, run once per module."""
+    done: dict[str, dict] = {}
+
+    def result(case: str) -> dict:
+        if case not in done:
+            done[case] = run_case(case, tmp_path_factory.mktemp(case), world=1)
+        return done[case]
+
+    return result
+
+
 def _free_port() -> int:
     import socket
 
@@ -96,8 +109,8 @@ def assert_same(one, two, where: str = "", tol: float = 0.0) -> None:
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_two_processes_equal_one(case, two_processes, tmp_path):
-    one = run_case(case, tmp_path, world=1)
+def test_two_processes_equal_one(case, two_processes, one_process):
+    one = one_process(case)
     two = torch.load(two_processes / f"{case}.pt", weights_only=False)
     assert two["global_step"] == one["global_step"] > 0
     assert_same(one["decisions"], two["decisions"], "decisions")
@@ -108,14 +121,14 @@ def test_two_processes_equal_one(case, two_processes, tmp_path):
         assert any(one["decisions"].values())
 
 
-def test_ledger_written_once(two_processes, tmp_path):
+def test_ledger_written_once(two_processes, one_process):
     from lightning_colearn.ledger import Ledger
 
-    one = run_case("pofl", tmp_path, world=1)
+    one = one_process("pofl")
     blocks = [r["block"] for r in one["decisions"]["rounds"] if r["block"] is not None]
     assert blocks, "the case should append blocks"
     ledger = Ledger(two_processes / "ledger.db")
-    single = Ledger(tmp_path / "ledger.db")
+    single = Ledger(one["out"] / "ledger.db")
     try:  # rank 0 alone wrote: each block once, the same rounds and winners as in one process, an intact chain
         assert len(ledger) == len(single) == len(blocks)
         assert ledger.verify().ok
@@ -126,20 +139,20 @@ def test_ledger_written_once(two_processes, tmp_path):
         single.close()
 
 
-def test_checkpoint_from_two_processes_resumes_in_one(two_processes, tmp_path):
-    uninterrupted = run_case("uninterrupted", tmp_path / "a", world=1)
+def test_checkpoint_from_two_processes_resumes_in_one(two_processes, one_process, tmp_path):
+    uninterrupted = one_process("uninterrupted")
     ckpt = two_processes / "two" / "resume_from_two_checkpoints" / "last.ckpt"
     checkpoint = torch.load(ckpt, weights_only=False)
     states = checkpoint["optimizer_states"][0]["members"]
     assert all(s["state"] for s in states), "every member's Adam state, from the rank that trained it"
-    resumed = run_case("resume_from_two", tmp_path / "b", world=1, ckpt_path=str(ckpt))
+    resumed = run_case("resume_from_two", tmp_path, world=1, ckpt_path=str(ckpt))
     assert resumed["global_step"] == uninterrupted["global_step"]
     assert_same(uninterrupted["decisions"], resumed["decisions"], "decisions")
     assert_same(uninterrupted["state"], resumed["state"], "state")
 
 
-def test_checkpoint_from_one_process_resumes_in_two(two_processes, tmp_path):
-    uninterrupted = run_case("uninterrupted", tmp_path, world=1)
+def test_checkpoint_from_one_process_resumes_in_two(two_processes, one_process):
+    uninterrupted = one_process("uninterrupted")
     resumed = torch.load(two_processes / "resume_from_one.pt", weights_only=False)
     assert resumed["global_step"] == uninterrupted["global_step"]
     assert_same(uninterrupted["decisions"], resumed["decisions"], "decisions")
