@@ -595,9 +595,11 @@ class CohortModule(L.LightningModule):
         stage = {"training_step": "train", "validation_step": "val", "test_step": "test"}[hook]
 
         def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
-            if self._world_size > 1:  # under DDP a member's evaluation batches are spread over the ranks
-                kwargs.setdefault("sync_dist", stage != "train")
-            self.log(f"{name}/member_{member}", value, *args, **kwargs)
+            if self._world_size == 1:
+                self.log(f"{name}/member_{member}", value, *args, **kwargs)
+            elif stage != "train":  # under DDP a member's evaluation batches are spread over the ranks
+                self.log(f"{name}/member_{member}", value, *args, **{"sync_dist": True, **kwargs})
+            # (under DDP only the member's own rank trains it: its training values are logged as epoch means)
             if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1):
                 self._member_logs[f"{stage}|{name}"][member].append(float(value.detach() if isinstance(value, Tensor) else value))
 
@@ -608,12 +610,24 @@ class CohortModule(L.LightningModule):
             del module.log
 
     def _log_member_means(self, stage: str) -> None:
-        for key in [k for k in self._member_logs if k.startswith(f"{stage}|")]:
-            per_member = self._member_logs.pop(key)
-            means = [sum(v) / len(v) for v in per_member.values() if v]
-            if means:
-                # under DDP each rank knows its own members' (training) or its batches' (evaluation) values
-                self.log(f"{key.split('|', 1)[1]}/mean", sum(means) / len(means), sync_dist=self.sync_logs)
+        keys = sorted(k for k in self._member_logs if k.startswith(f"{stage}|"))
+        if self._world_size > 1:  # each rank knows its own members' (training) or its batches' (evaluation) values
+            keys = sorted(set().union(*D.gather_objects(keys)))
+        for key in keys:
+            per_member = self._member_logs.pop(key, {})
+            totals = torch.zeros(2, self.size, dtype=torch.float64, device=self.last_loss.device)  # sums, counts
+            for i, values in per_member.items():
+                totals[0, i], totals[1, i] = sum(values), len(values)
+            if self._world_size > 1:
+                totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
+            logged = (totals[1] > 0).nonzero().flatten().tolist()
+            if not logged:
+                continue
+            means = totals[0, logged] / totals[1, logged]
+            name = key.split("|", 1)[1]
+            if self._world_size > 1 and stage == "train":
+                self.log_dict({f"{name}/member_{i}": float(m) for i, m in zip(logged, means)}, sync_dist=True)
+            self.log(f"{name}/mean", float(means.mean()), sync_dist=self.sync_logs)
 
     # ------------------------------------------------------------- optimizers
     def member_optimizers(self) -> list[Optimizer]:

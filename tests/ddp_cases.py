@@ -67,6 +67,8 @@ def _case(name: str, out: Path) -> tuple[L.LightningModule, CohortDataModule, li
         pofl = ProofOfLearning(miners=2, clients_per_round=4, threshold=0.2, ledger=str(out / "ledger.db"),
                                max_rounds=3, eval_batches=2, seed=5)
         return CohortModule(LogisticRegression, size=6, optimizer=SGD), dm(num_members=6), [pofl], dict(limits, max_epochs=3)
+    if name == "wrapped":  # a user's LightningModules as members: their own steps, logs and optimizers
+        return CohortModule([Classifier() for _ in range(3)]), dm(num_members=3), [], limits
     if name == "mutual":
         module = MutualLearning([MLP() for _ in range(3)], optimizer=SGD, temperature=2.0)
         return module, dm(num_members=3, stream="shared"), [], limits
@@ -76,7 +78,28 @@ def _case(name: str, out: Path) -> tuple[L.LightningModule, CohortDataModule, li
     raise KeyError(name)
 
 
-CASES = ("independent", "independent_stacked", "swarm", "swarm_metric", "voting", "fedavg", "krum", "pofl", "mutual")
+CASES = ("independent", "independent_stacked", "wrapped", "swarm", "swarm_metric", "voting", "fedavg", "krum", "pofl", "mutual")
+
+
+class Classifier(L.LightningModule):
+    """A user's own LightningModule (automatic optimization), wrapped as a cohort member."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(784, 10)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.cross_entropy(self.net(x.flatten(1)), y)
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("acc", (self.net(x.flatten(1)).argmax(1) == y).float().mean())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
 def decisions(callbacks: list[Any], module: L.LightningModule) -> dict[str, Any]:
