@@ -19,7 +19,7 @@ step per batch (``max_steps`` counts batches, not member updates).
 Callbacks implementing communication rules set :attr:`CohortModule.active_members`
 and use :attr:`CohortModule.cohort` arithmetic between steps.
 
-Under a DDP strategy (``Trainer(strategy="ddp", devices=W, use_distributed_sampler=False)``)
+Under a DDP strategy (``Trainer(strategy="ddp", devices=W)``)
 the members are sharded over the ranks, member ``i`` on rank ``i % W``, and each rank
 trains only its own (:mod:`lightning_colearn.distributed`): rules call
 :meth:`CohortModule.sync_members` before they read other ranks' members,
@@ -55,6 +55,7 @@ from functools import partial
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -548,6 +549,14 @@ class CohortModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         self._rank, self._world_size = self.trainer.global_rank, self.trainer.world_size
         self._stale, self._losses_shared = set(), True  # every rank starts from the same members (DDP broadcasts rank 0's at wrap time)
+        connector = getattr(self.trainer, "_accelerator_connector", None)
+        if self._world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+            # The members are sharded, not the data: every rank needs every batch. Lightning's default would put a
+            # DistributedSampler into the loaders; it reads this flag after setup(). (If a later Lightning moves the
+            # flag, on_train_start still refuses a split training loader with a clear message.)
+            connector.use_distributed_sampler = False
+            rank_zero_info("CohortModule: use_distributed_sampler set to False (the members are sharded over the "
+                           "processes, not the data)")
         if self._world_size > 1 and not any(p.requires_grad for p in self.parameters()):
             # a stacked cohort keeps its trainable tensors outside the module tree (the members hold views),
             # and DDP refuses a module without a trainable parameter: give it one it never has to sync
@@ -570,8 +579,9 @@ class CohortModule(L.LightningModule):
             ):
                 raise ValueError(
                     "CohortModule under DDP shards the members over the ranks, and every rank must see every "
-                    "training batch, but the training loader was split over the ranks (a DistributedSampler, which "
-                    "Lightning's default use_distributed_sampler=True puts in); pass Trainer(use_distributed_sampler=False)"
+                    "training batch, but the training loader has a DistributedSampler (each rank would see part "
+                    "of the data); use a plain sampler (Trainer(use_distributed_sampler=False) keeps Lightning "
+                    "from adding one)"
                 )
 
     def on_train_end(self) -> None:

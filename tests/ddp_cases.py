@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
 from torchmetrics.classification import MulticlassAccuracy
 
 from helpers import BNNet
@@ -34,6 +35,7 @@ from lightning_colearn import (
     ProofOfLearning,
 )
 from lightning_colearn.callbacks.checkpoint import EpochCheckpoint
+from lightning_colearn.data.datasets import collate_batch
 from lightning_colearn.models import MLP, LogisticRegression
 
 SGD = partial(torch.optim.SGD, lr=0.05, momentum=0.9)
@@ -118,7 +120,7 @@ def decisions(callbacks: list[Any], module: L.LightningModule) -> dict[str, Any]
 
 
 def run_case(name: str, out: Path, world: int, ckpt_path: str | None = None, max_epochs: int | None = None,
-             save_checkpoints: bool = False, **trainer_kwargs: Any) -> dict[str, Any] | None:
+             save_checkpoints: bool = False, split_loader: bool = False, **trainer_kwargs: Any) -> dict[str, Any] | None:
     """Run case ``name`` on ``world`` processes (1, or 2 under torchrun); rank 0 returns (and saves) its result."""
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(0, verbose=False)
@@ -136,7 +138,13 @@ def run_case(name: str, out: Path, world: int, ckpt_path: str | None = None, max
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each of torchrun's processes: the same float sums in every run
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if split_loader:  # the user's own loader, split over the ranks
+            datamodule.setup("fit")
+            data = datamodule.train_set
+            loader = DataLoader(data, batch_size=32, sampler=DistributedSampler(data), collate_fn=collate_batch)
+            trainer.fit(module, train_dataloaders=loader)
+        else:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     finally:
         torch.set_num_threads(threads)
     if not trainer.is_global_zero:
@@ -164,9 +172,11 @@ def main(argv: list[str]) -> None:
     run_case("resume_from_two", args.out / "two", world=2, max_epochs=1, save_checkpoints=True)
     if args.resume:  # ... and one process's epoch-1 checkpoint resumed on two
         run_case("resume_from_one", args.out, world=2, ckpt_path=args.resume)
-    # a training loader split over the ranks (Lightning's default sampler) is refused, on every rank
+    # Lightning's default use_distributed_sampler=True: the module turns it off (members are sharded, not data)
+    run_case("independent", args.out / "default_sampler", world=2, use_distributed_sampler=True)
+    # a training loader the user split over the ranks is refused, on every rank
     try:
-        run_case("independent", args.out / "split", world=2, use_distributed_sampler=True)
+        run_case("independent", args.out / "split", world=2, split_loader=True)
     except ValueError as err:
         if int(os.environ.get("RANK", 0)) == 0:
             (args.out / "split_loader_error.txt").write_text(str(err))

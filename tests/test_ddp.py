@@ -163,9 +163,15 @@ def test_checkpoint_from_one_process_resumes_in_two(two_processes, one_process):
     assert_same(uninterrupted["state"], resumed["state"], "state")
 
 
+def test_lightning_default_sampler_setting_is_turned_off(two_processes, one_process):
+    # Trainer(strategy="ddp", devices=2) as is: Lightning would split the loaders, the module keeps them whole
+    two = torch.load(two_processes / "default_sampler" / "independent.pt", weights_only=False)
+    assert_same(one_process("independent")["state"], two["state"], "state")
+
+
 def test_training_loader_split_over_ranks_is_refused(two_processes):
     message = (two_processes / "split_loader_error.txt").read_text()
-    assert "use_distributed_sampler=True" in message and "Trainer(use_distributed_sampler=False)" in message
+    assert "DistributedSampler" in message and "every rank must see every training batch" in message
 
 
 def test_cli_ddp_spawn_runs_the_swarm_on_two_processes(cli_ddp_spawn, two_processes):
