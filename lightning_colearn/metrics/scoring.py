@@ -54,7 +54,7 @@ def _fresh_clones(metric: Metric, n: int, device: torch.device) -> list[Metric]:
     clones = pool[:n]
     for m in clones:
         m.reset()
-    return [m.to(device) for m in clones]
+    return [m if m.device == device else m.to(device) for m in clones]  # .to() walks every state: ~0.2 ms each
 
 
 def _local_only() -> bool:
