@@ -123,10 +123,11 @@ class MutualLearning(CohortModule):
         sample = next(iter(own.values())) if own else None
         if sample is None:
             raise RuntimeError("MutualLearning under DDP needs at least one student per rank (cohort size >= processes)")
-        mine = torch.zeros(rows, *sample.shape, dtype=sample.dtype, device=sample.device)
+        # float32 on the wire (gloo has no bfloat16; bf16 -> fp32 -> bf16 is exact)
+        mine = torch.zeros(rows, *sample.shape, dtype=torch.float32, device=sample.device)
         for k, i in enumerate(D.owned_members(self.size, rank, world)):
             mine[k] = own[i].detach()
-        gathered = self.trainer.strategy.all_gather(mine)  # [world, rows, B, C]
+        gathered = self.trainer.strategy.all_gather(mine).to(sample.dtype)  # [world, rows, B, C]
         return [own[i] if i in own else gathered[D.member_owner(i, world), i // world] for i in range(self.size)]
 
     def on_train_epoch_start(self) -> None:

@@ -74,13 +74,17 @@ def _case(name: str, out: Path) -> tuple[L.LightningModule, CohortDataModule, li
     if name == "mutual":
         module = MutualLearning([MLP() for _ in range(3)], optimizer=SGD, temperature=2.0)
         return module, dm(num_members=3, stream="shared"), [], limits
+    if name == "mutual_bf16":  # bf16 logits cross the ranks (as float32: gloo has no bfloat16)
+        module = MutualLearning([MLP() for _ in range(3)], optimizer=SGD, temperature=2.0)
+        return module, dm(num_members=3, stream="shared"), [], dict(limits, precision="bf16-mixed")
     if name in ("resume_from_one", "resume_from_two", "uninterrupted"):  # checkpoints across process counts
         swarm = ParticleSwarm(every_n_steps=3, n_particles=3, seed=6)
         return CohortModule(BNNet, size=5, optimizer=ADAM), dm(num_members=5), [swarm], dict(limits, max_epochs=2)
     raise KeyError(name)
 
 
-CASES = ("independent", "independent_stacked", "wrapped", "swarm", "swarm_metric", "voting", "fedavg", "krum", "pofl", "mutual")
+CASES = ("independent", "independent_stacked", "wrapped", "swarm", "swarm_metric", "voting", "fedavg", "krum", "pofl", "mutual",
+         "mutual_bf16")
 
 
 class Classifier(L.LightningModule):
