@@ -548,7 +548,8 @@ class CohortModule(L.LightningModule):
     # ------------------------------------------------------ wrapped modules
     def setup(self, stage: str) -> None:
         self._rank, self._world_size = self.trainer.global_rank, self.trainer.world_size
-        self._stale, self._losses_shared = set(), True  # every rank starts from the same members (DDP broadcasts rank 0's at wrap time)
+        # every rank starts from the same members (DDP broadcasts rank 0's when it wraps the module)
+        self._stale, self._losses_shared = set(), True
         connector = getattr(self.trainer, "_accelerator_connector", None)
         if self._world_size > 1 and getattr(connector, "use_distributed_sampler", False):
             # The members are sharded, not the data: every rank needs every batch. Lightning's default would put a
@@ -620,6 +621,8 @@ class CohortModule(L.LightningModule):
             del module.log
 
     def _log_member_means(self, stage: str) -> None:
+        if not self.wraps_lightning:  # (only wrapped modules' own logs are kept)
+            return
         keys = sorted(k for k in self._member_logs if k.startswith(f"{stage}|"))
         if self._world_size > 1:  # each rank knows its own members' (training) or its batches' (evaluation) values
             keys = sorted(set().union(*D.gather_objects(keys)))
