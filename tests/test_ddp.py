@@ -8,6 +8,7 @@ compares. ``ddp_spawn`` is exercised through the CLI in ``test_cli_ddp_spawn``.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -28,30 +29,36 @@ HERE = Path(__file__).parent
 METRIC_TOL = 1e-6
 
 
-# The issue's command line, on a few batches: a swarm over 2 processes started by ddp_spawn.
-CLI_DDP_SPAWN = ["algorithm=swarm", "cohort.size=3", "model=logistic_regression", "trainer=debug", "trainer.max_epochs=2",
-                 "++trainer.limit_train_batches=4", "trainer.strategy=ddp_spawn", "trainer.devices=2",
+# The issue's command line, on a few batches: a swarm over 2 processes (the strategy is added per run).
+CLI_SWARM = ["algorithm=swarm", "cohort.size=3", "model=logistic_regression", "trainer=debug", "trainer.max_epochs=2",
+                 "++trainer.limit_train_batches=4", "trainer.devices=2",
                  "trainer.accelerator=cpu", "algorithm.callbacks.swarm.every_n_steps=2",
                  "algorithm.callbacks.swarm.n_particles=3", "test=false", "plots=false", "data.batch_size=32"]
 
 
 @pytest.fixture(scope="module")
-def cli_ddp_spawn(tmp_path_factory):
-    """``colearn ... trainer.strategy=ddp_spawn trainer.devices=2``, started at once (it runs beside the torchrun)."""
-    out = tmp_path_factory.mktemp("cli_ddp_spawn")
+def cli_runs(tmp_path_factory):
+    """``{strategy: (dir, process)}``: the command line above with ddp_spawn and with ddp (Lightning relaunches the
+    command for rank 1), started at once, beside the torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("HYDRA_FULL_ERROR", None)
-    log = (out / "colearn.log").open("w")
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("colearn")), *CLI_DDP_SPAWN, f"hydra.run.dir={out / 'run'}"],
-                            cwd=out, env=env, stdout=log, stderr=subprocess.STDOUT)
-    yield out, proc
-    if proc.poll() is None:
-        proc.kill()
-    log.close()
+    runs, logs = {}, []
+    for strategy in ("ddp_spawn", "ddp"):
+        out = tmp_path_factory.mktemp(f"cli_{strategy}")
+        logs.append((out / "colearn.log").open("w"))
+        args = [*CLI_SWARM, f"trainer.strategy={strategy}", f"hydra.run.dir={out / 'run'}"]
+        runs[strategy] = out, subprocess.Popen([str(Path(sys.executable).with_name("colearn")), *args], cwd=out, env=env,
+                                               stdout=logs[-1], stderr=subprocess.STDOUT)
+    yield runs
+    for _, proc in runs.values():
+        if proc.poll() is None:
+            proc.kill()
+    for log in logs:
+        log.close()
 
 
 @pytest.fixture(scope="module")
-def two_processes(tmp_path_factory, cli_ddp_spawn) -> Path:
+def two_processes(tmp_path_factory, cli_runs) -> Path:
     """Run every case on 2 processes (and the checkpoint crossings); returns where rank 0 saved the results."""
     root = tmp_path_factory.mktemp("ddp")
     one = root / "one"
@@ -174,8 +181,8 @@ def test_training_loader_split_over_ranks_is_refused(two_processes):
     assert "DistributedSampler" in message and "every rank must see every training batch" in message
 
 
-def test_cli_ddp_spawn_runs_the_swarm_on_two_processes(cli_ddp_spawn, two_processes):
-    out, proc = cli_ddp_spawn
+def test_cli_ddp_spawn_runs_the_swarm_on_two_processes(cli_runs, two_processes):
+    out, proc = cli_runs["ddp_spawn"]
     assert proc.wait(timeout=600) == 0, (out / "colearn.log").read_text()[-3000:]
     run = out / "run"
     logs = sorted((run / "logs").iterdir())
@@ -196,4 +203,15 @@ def test_config_refuses_more_processes_than_members():
         cfg = compose("config", overrides=["cohort.size=2", "trainer.strategy=ddp", "trainer.devices=3"])
     with pytest.raises(ConfigError, match=r"trainer.devices must be <= cohort.size \(2\).*got 3"):
         validate_config(cfg)
+
+
+def test_cli_ddp_equals_ddp_spawn(cli_runs, two_processes):
+    (spawned, spawn_proc), (launched, proc) = cli_runs["ddp_spawn"], cli_runs["ddp"]
+    assert spawn_proc.wait(timeout=600) == 0 and proc.wait(timeout=600) == 0, (launched / "colearn.log").read_text()[-3000:]
+    a = torch.load(spawned / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    b = torch.load(launched / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert_same(a["state_dict"], b["state_dict"], "state_dict")
+    assert (launched / "run" / "logs" / "version_0" / "swarm_moves.csv").read_text() == \
+        (spawned / "run" / "logs" / "version_0" / "swarm_moves.csv").read_text()
+    assert json.loads((launched / "run" / "results.json").read_text()) == {}  # test=false; written once, by rank 0
 
