@@ -88,16 +88,17 @@ def sync_members(strategy: Any, member_tensors: Callable[[int], list[Tensor]], m
     if world_size == 1 or not members:
         return
     rows = [[m for m in members if member_owner(m, world_size) == r] for r in range(world_size)]
-    sizes = {m: _nbytes(member_tensors(m)) for m in members}
-    device = member_tensors(members[0])[0].device
+    tensors = {m: member_tensors(m) for m in members}
+    sizes = {m: _nbytes(t) for m, t in tensors.items()}
+    device = tensors[members[0]][0].device
     mine = torch.zeros(max(len(r) for r in rows), max(sizes.values()), dtype=torch.uint8, device=device)
     for j, m in enumerate(rows[rank]):
-        mine[j, :sizes[m]] = pack(member_tensors(m))
+        mine[j, :sizes[m]] = pack(tensors[m])
     gathered = strategy.all_gather(mine)  # [world_size, rows, bytes]
     for r, owned in enumerate(rows):
         if r != rank:
             for j, m in enumerate(owned):
-                unpack_into_(gathered[r, j, :sizes[m]], member_tensors(m))
+                unpack_into_(gathered[r, j, :sizes[m]], tensors[m])
 
 
 def gather_values(strategy: Any, values: dict[int, float], members: Sequence[int], device: torch.device | None = None) -> list[float]:

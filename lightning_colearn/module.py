@@ -493,8 +493,7 @@ class CohortModule(L.LightningModule):
         self.sync_members()  # every rank evaluates every member, on its share of the batches
         # rank r takes batches r, r + W, ...: each batch once, no padding (a DistributedSampler repeats samples
         # to even out the ranks); if Lightning already split the loader over the ranks, every batch is ours
-        self._shard_eval = not any(isinstance(getattr(dl, "sampler", None), DistributedSampler)
-                                   for dl in _loaders(loaders))
+        self._shard_eval = not _split_over_ranks(loaders)
 
     def _skip_eval_batch(self, batch_idx: int) -> bool:
         return self._world_size > 1 and self._shard_eval and batch_idx % self._world_size != self._rank
@@ -574,16 +573,13 @@ class CohortModule(L.LightningModule):
     def on_train_start(self) -> None:
         if self._world_size == 1:
             return
-        for loader in _loaders(self.trainer.train_dataloader):
-            if isinstance(getattr(loader, "sampler", None), DistributedSampler) or isinstance(
-                getattr(getattr(loader, "batch_sampler", None), "sampler", None), DistributedSampler
-            ):
-                raise ValueError(
-                    "CohortModule under DDP shards the members over the ranks, and every rank must see every "
-                    "training batch, but the training loader has a DistributedSampler (each rank would see part "
-                    "of the data); use a plain sampler (Trainer(use_distributed_sampler=False) keeps Lightning "
-                    "from adding one)"
-                )
+        if _split_over_ranks(self.trainer.train_dataloader):
+            raise ValueError(
+                "CohortModule under DDP shards the members over the ranks, and every rank must see every "
+                "training batch, but the training loader has a DistributedSampler (each rank would see part "
+                "of the data); use a plain sampler (Trainer(use_distributed_sampler=False) keeps Lightning "
+                "from adding one)"
+            )
 
     def on_train_end(self) -> None:
         self.share_losses()
@@ -870,17 +866,20 @@ def _per_member_lists() -> defaultdict[int, list[float]]:
     return defaultdict(list)
 
 
-def _loaders(loaders: Any) -> list[Any]:
-    """The DataLoaders inside what Lightning holds as a stage's loaders (one, a list, a dict or a CombinedLoader)."""
+def _split_over_ranks(loaders: Any) -> bool:
+    """True when a DataLoader among a stage's loaders (one, a list, a dict or a CombinedLoader) has a
+    DistributedSampler, as its sampler or inside its batch sampler."""
     if loaders is None:
-        return []
+        return False
     if hasattr(loaders, "flattened"):
-        return list(loaders.flattened)
-    if isinstance(loaders, Mapping):
-        return list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        return list(loaders)
-    return [loaders]
+        loaders = loaders.flattened
+    elif isinstance(loaders, Mapping):
+        loaders = loaders.values()
+    elif not isinstance(loaders, (list, tuple)):
+        loaders = [loaders]
+    samplers = [s for dl in loaders for s in (getattr(dl, "sampler", None),
+                                             getattr(getattr(dl, "batch_sampler", None), "sampler", None))]
+    return any(isinstance(s, DistributedSampler) for s in samplers)
 
 
 def _common_attr(cohort: Cohort, name: str) -> Any:

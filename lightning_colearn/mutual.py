@@ -118,15 +118,14 @@ class MutualLearning(CohortModule):
     def _all_logits(self, own: dict[int, Tensor]) -> list[Tensor]:
         """Every student's logits on the shared batch: this rank's own (differentiable) and the others',
         gathered in one ``all_gather``."""
-        world, rank = self.world_size, self.trainer.global_rank
-        rows = max(len(D.owned_members(self.size, r, world)) for r in range(world))
-        sample = next(iter(own.values())) if own else None
-        if sample is None:
+        if not own:
             raise RuntimeError("MutualLearning under DDP needs at least one student per rank (cohort size >= processes)")
+        world, sample = self.world_size, next(iter(own.values()))
+        # one row per student of the rank with the most (member i is row i // world of rank i % world);
         # float32 on the wire (gloo has no bfloat16; bf16 -> fp32 -> bf16 is exact)
-        mine = torch.zeros(rows, *sample.shape, dtype=torch.float32, device=sample.device)
-        for k, i in enumerate(D.owned_members(self.size, rank, world)):
-            mine[k] = own[i].detach()
+        mine = torch.zeros(-(-self.size // world), *sample.shape, dtype=torch.float32, device=sample.device)
+        for k, logits in enumerate(own.values()):  # this rank's students, in order
+            mine[k] = logits.detach()
         gathered = self.trainer.strategy.all_gather(mine).to(sample.dtype)  # [world, rows, B, C]
         return [own[i] if i in own else gathered[D.member_owner(i, world), i // world] for i in range(self.size)]
 
