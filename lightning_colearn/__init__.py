@@ -10,6 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "BlockRefused": "lightning_colearn.ledger",
     "CollectiveVoting": "lightning_colearn.callbacks",
     "Cohort": "lightning_colearn.cohort",
     "CohortDataModule": "lightning_colearn.data",

@@ -55,6 +55,7 @@ from torch import Tensor
 __all__ = [
     "GENESIS_HASH",
     "Block",
+    "BlockRefused",
     "Ledger",
     "LedgerError",
     "VerifyReport",
@@ -85,6 +86,10 @@ _HEADER = ", ".join(_COLUMNS[:-1])  # every column but the weights
 
 class LedgerError(ValueError):
     """A block was refused, or the ledger is corrupt; the message names the block and what is wrong."""
+
+
+class BlockRefused(LedgerError):
+    """A proposed block failed a validator's check (:meth:`Ledger.validate`); the ledger is unchanged."""
 
 
 def _is_int(value: object) -> bool:
@@ -368,16 +373,20 @@ class Ledger:
             raise LedgerError(f"block {block.index}: the ledger holds {n} blocks but the last is {last.index}; run verify")
         problem = _block_problem(block, weights, n, self.head_hash, rescore, tol)
         if problem:
-            raise LedgerError(f"block {block.index}: {problem}")
+            raise BlockRefused(f"block {block.index}: {problem}")
 
-    def commit(self, block: Block, weights: bytes) -> Block:
-        """Validate ``block`` (without re-scoring) and store it with its weights in one transaction."""
+    def commit(self, block: Block, weights: bytes, rescore: Rescore | None = None, tol: float = 1e-6) -> Block:
+        """Validate ``block`` (re-scoring it if ``rescore`` is given) and store it with its weights in one transaction.
+
+        A refused block raises :class:`BlockRefused`; a block that could not be
+        stored raises :class:`LedgerError`. Either way nothing is written.
+        """
         if self.readonly:
             raise LedgerError(f"block {block.index}: {self.path} is open read-only")
         try:
             with self._conn:  # BEGIN IMMEDIATE: nobody appends between our check and our insert
                 self._conn.execute("BEGIN IMMEDIATE")
-                self.validate(block, weights)
+                self.validate(block, weights, rescore, tol)
                 self._conn.execute(
                     f"INSERT INTO blocks ({', '.join(_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (block.index, block.prev_hash, block.round, block.winner, json.dumps(block.scores),
@@ -398,9 +407,7 @@ class Ledger:
     ) -> Block:
         """Propose, validate (re-scoring if ``rescore`` is given) and commit the next block."""
         block, data = self.propose(round, winner, scores, weights, time=time)
-        if rescore is not None:
-            self.validate(block, data, rescore)
-        return self.commit(block, data)
+        return self.commit(block, data, rescore)
 
     # ------------------------------------------------------------- auditing
     def verify(self, rescore: Rescore | None = None, tol: float = 1e-6) -> VerifyReport:

@@ -18,6 +18,7 @@ from lightning_colearn import ledger_cli
 from lightning_colearn.ledger import (
     GENESIS_HASH,
     Block,
+    BlockRefused,
     Ledger,
     LedgerError,
     VerifyReport,
@@ -214,9 +215,9 @@ def test_forged_block_is_refused_and_changes_nothing(path: Path, kind: str, mess
     before = _file_digest(path)
     with Ledger(path) as ledger:
         block, data = _forge(ledger, kind)
-        with pytest.raises(LedgerError, match=message):
+        with pytest.raises(BlockRefused, match=message):
             ledger.validate(block, data)
-        with pytest.raises(LedgerError, match=message):
+        with pytest.raises(BlockRefused, match=message):
             ledger.commit(block, data)
         assert len(ledger) == 4 and ledger.verify()
     assert _file_digest(path) == before
@@ -227,9 +228,11 @@ def test_inflated_score_is_refused_by_rescoring(path: Path) -> None:
     honest = _score(_state(4))
     with Ledger(path) as ledger:
         block, data = ledger.propose(4, winner=0, scores=[honest + 0.5, honest], weights=_state(4))
-        with pytest.raises(LedgerError, match=r"block 4: claimed winner score .* re-score"):
+        with pytest.raises(BlockRefused, match=r"block 4: claimed winner score .* re-score"):
             ledger.validate(block, data, rescore=_score)
-        with pytest.raises(LedgerError, match="re-score"):
+        with pytest.raises(BlockRefused, match=r"block 4: claimed winner score .* re-score"):
+            ledger.commit(block, data, rescore=_score)
+        with pytest.raises(BlockRefused, match="re-score"):
             ledger.append(4, winner=0, scores=[honest + 0.5, honest], weights=_state(4), rescore=_score)
         assert len(ledger) == 4
     assert _file_digest(path) == before

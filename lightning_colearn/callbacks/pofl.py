@@ -49,7 +49,7 @@ from lightning_colearn.callbacks.federated import sample_counts
 from lightning_colearn.callbacks.rounds import ClientRounds
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.aggregation import aggregate
-from lightning_colearn.ledger import Ledger, LedgerError
+from lightning_colearn.ledger import BlockRefused, Ledger, LedgerError
 from lightning_colearn.metrics.scoring import score, score_models
 from lightning_colearn.module import CohortModule
 from lightning_colearn._checks import is_int_at_least
@@ -244,11 +244,10 @@ class ProofOfLearning(ClientRounds):
             # the same record as the run that was not interrupted would write; the replay is only logged
             rank_zero_info(f"ProofOfLearning: round {self.round}'s block {index} was appended before a crash; not appended again")
             return existing, "block appended"
-        try:
-            ledger.validate(block, data, rescore=self._rescorer(trainer, pl_module), tol=self.tolerance)
-        except LedgerError as err:
+        try:  # one check, inside the append's transaction
+            return ledger.commit(block, data, rescore=self._rescorer(trainer, pl_module), tol=self.tolerance), "block appended"
+        except BlockRefused as err:
             return None, f"refused by validators: {err}"
-        return ledger.commit(block, data), "block appended"
 
     def _rescorer(self, trainer: L.Trainer, pl_module: CohortModule):
         def rescore(weights: dict[str, Tensor]) -> float:

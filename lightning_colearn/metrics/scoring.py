@@ -6,7 +6,9 @@ vote over five small vote splits is a few large forward passes instead of
 many small ones (each learner's metric still sees only its own samples). This
 relies on the model treating samples independently in eval mode, as
 classifiers do (BatchNorm uses its running statistics there). Forward passes
-never exceed :data:`CHUNK` samples, the batch size that is fastest per sample.
+of a convolutional model never exceed :data:`CHUNK` samples, the batch size
+that is fastest per sample; other models take up to :data:`DENSE_CHUNK` (see
+:func:`chunk_size`).
 
 Example:
     >>> import torch
@@ -30,12 +32,29 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-__all__ = ["CHUNK", "score", "score_many", "score_models"]
+__all__ = ["CHUNK", "DENSE_CHUNK", "chunk_size", "score", "score_many", "score_models"]
 
-#: Samples per forward pass when scoring. Measured on this project's 2-core CPU (eval mode, no_grad):
-#: ConvNet and ColearnConvNet cost ~0.037 / ~0.094 ms per sample at 128-512 samples but about twice
-#: that at 1,000-2,000 (their activations fall out of cache); the MLP is flat from 256 up.
+#: Samples per forward pass when scoring a convolutional model. Measured on this project's 2-core CPU
+#: (eval mode, no_grad): ConvNet and ColearnConvNet cost ~0.037 / ~0.094 ms per sample at 128-512
+#: samples but about twice that at 1,000-2,000 (their feature maps, 23 KB per sample and up, fall out
+#: of cache); ``score_models`` of 3 ConvNets on 1,000 digits: 111 ms in chunks of 256, 120 of 512, 175 whole.
 CHUNK = 256
+#: Samples per forward pass for a model without convolutions, whose activations are a few hundred
+#: floats per sample: splitting only adds passes. ``score_models`` of 10 MLPs (784-128-10) on 1,000
+#: digits, same CPU, median of 15: 23.6 ms in chunks of 256, 21.5 of 512, 20.1 whole.
+DENSE_CHUNK = 2048
+
+
+def chunk_size(model: nn.Module) -> int:
+    """Samples per scoring forward pass for ``model``: :data:`CHUNK` if it has a convolution, else :data:`DENSE_CHUNK`.
+
+    Example:
+        >>> from lightning_colearn.models import MLP, ConvNet
+        >>> chunk_size(MLP()), chunk_size(ConvNet())
+        (2048, 256)
+    """
+    convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    return CHUNK if convolutional else DENSE_CHUNK
 
 
 # Clones of each criterion, reused (reset) from call to call: deep-copying a torchmetrics metric costs
@@ -97,13 +116,15 @@ def score_many(
     max_batches: int | None = None,
     select: Callable[[int, Any], Any] | None = None,
     context: Callable[[], AbstractContextManager] | None = None,
-    chunk: int = CHUNK,
+    chunk: int | None = None,
 ) -> list[float]:
     """``metric`` of ``model`` on each of ``sources`` (one value per source), with batched forward passes.
 
     ``select(i, batch)`` picks ``(x, y)`` out of a batch of source ``i``; at
-    most ``max_batches`` batches are read per source.
+    most ``max_batches`` batches are read per source; forward passes take at
+    most ``chunk`` samples (default: :func:`chunk_size`).
     """
+    chunk = chunk_size(model) if chunk is None else chunk
     device = torch.device(device) if device is not None else next(model.parameters()).device
     metrics = _fresh_clones(metric, len(sources), device)
     seen = [0] * len(sources)
@@ -112,7 +133,8 @@ def score_many(
     def flush() -> None:
         if not pending:
             return
-        out = _forward(model, torch.cat([x for _, x, _ in pending]).to(device), chunk)
+        x = pending[0][1] if len(pending) == 1 else torch.cat([x for _, x, _ in pending])  # one batch: no copy
+        out = _forward(model, x.to(device), chunk)
         for (i, _, y), logits in zip(pending, out.split([len(x) for _, x, _ in pending])):
             metrics[i].update(logits, y.to(device))
         pending.clear()
@@ -166,6 +188,7 @@ def score_models(
         return []
     device = torch.device(device) if device is not None else next(models[0].parameters()).device
     metrics = _fresh_clones(metric, len(models), device)
+    chunks = [chunk_size(m) for m in models]
     modes = [m.training for m in models]
     for m in models:
         m.eval()
@@ -176,8 +199,8 @@ def score_models(
                 if max_batches is not None and k == max_batches:
                     break
                 x, y = x.to(device), y.to(device)
-                for model, m in zip(models, metrics):
-                    m.update(_forward(model, x, CHUNK), y)
+                for model, m, chunk in zip(models, metrics, chunks):
+                    m.update(_forward(model, x, chunk), y)
                 seen += 1
     finally:
         for model, mode in zip(models, modes):
