@@ -133,7 +133,11 @@ class Cohort(nn.Module):
         :meth:`StackedModel.check`).
         """
         self._require_stacked("stacked_forward")
-        index = None if members is None else torch.tensor(self._indices(members), device=x.device)
+        index = None
+        if members is not None:
+            indices = self._indices(members)
+            if indices != list(range(len(self))):  # every member in order: the stacked tensors themselves
+                index = torch.tensor(indices, device=x.device)
         if not self.engine._checked:
             self.engine.check(list(self.members), x if members is None or not per_member else x[:1].expand(len(self), *x.shape[1:]), per_member)
         return self.engine(x, index=index, per_member=per_member)

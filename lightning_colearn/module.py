@@ -213,17 +213,17 @@ class CohortModule(L.LightningModule):
             x, y = batch
             out = self.cohort.stacked_forward(x, members)
             return dict(zip(members, ((o, y) for o in out.unbind(0)))), out
+        parts = {i: self.member_batch(batch, i) for i in members}  # (x, y) of each member
         groups: dict[tuple, list[int]] = defaultdict(list)  # a member's last batch of an epoch may be shorter
-        for i in members:
-            x, y = self.member_batch(batch, i)
-            groups[(tuple(x.shape), tuple(y.shape))].append(i)
+        for i, (x, y) in parts.items():
+            groups[(x.shape, y.shape)].append(i)
         result, whole = {}, None
         for group in groups.values():
-            xs = _stack_members([self.member_batch(batch, i)[0] for i in group])
+            xs = _stack_members([parts[i][0] for i in group])
             out = self.cohort.stacked_forward(xs, group, per_member=True)
             if len(groups) == 1:
                 whole = out  # the losses use it whole: no N selects in the backward
-            result.update({i: (out[k], self.member_batch(batch, i)[1]) for k, i in enumerate(group)})
+            result.update({i: (o, parts[i][1]) for i, o in zip(group, out.unbind(0))})
         return {i: result[i] for i in members}, whole
 
     def member_batch(self, batch: Any, member: int) -> Any:
