@@ -28,7 +28,7 @@ the candidates themselves); ``fit s/round`` is the whole training loop per
 round (Lightning's epoch overhead included) for comparison.
 
 Run: ``.venv/bin/python bench/federated.py`` (``--rounds 2`` for a quick look,
-``--seeds 0 1 2`` for more seeds).
+``--seeds 0 1 2`` for more seeds, ``--datasets mnist_small`` for one data set).
 """
 
 from __future__ import annotations
@@ -97,13 +97,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None,
                         help=f"rounds per run (default: {ROUNDS['mnist_small']} on mnist_small, {ROUNDS['fashion_mnist']} on Fashion-MNIST)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--datasets", nargs="+", choices=list(ROUNDS), default=list(ROUNDS),
+                        help="data sets to run (Fashion-MNIST only if its Debian package is installed)")
     args = parser.parse_args()
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
-    names = ["mnist_small"] + (["fashion_mnist"] if (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() else [])
+    installed = (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists()
+    names = [name for name in args.datasets if name != "fashion_mnist" or installed]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {CLIENTS} clients, MLP, Adam {LR}, batch {BATCH}, "
           f"{PER_ROUND} clients per round, {LOCAL_EPOCHS} local epoch; PoFL: {MINERS} miners, threshold {THRESHOLD}")
-    if len(names) == 1:
+    if "fashion_mnist" in args.datasets and not installed:
         print(f"(Fashion-MNIST skipped: {DEBIAN_FASHION_MNIST} not installed)")
     for name in names:
         rounds = args.rounds or ROUNDS[name]
