@@ -276,18 +276,3 @@ def test_heterogeneous_cohort_trains_and_reports_per_member():
     t.fit(module, datamodule=CohortDataModule(num_members=3, batch_size=16))
     t.validate(module, datamodule=CohortDataModule(num_members=3, batch_size=16), verbose=False)
     assert {f"val_acc/member_{i}" for i in range(3)} <= set(t.callback_metrics)
-
-
-def test_per_member_batch_transfer_matches_lightnings_generic_move() -> None:
-    """The fast path for {member: (x, y)} gives what Lightning's generic move gives; other batches take Lightning's."""
-    module = CohortModule(LogisticRegression, size=3)
-    cpu = torch.device("cpu")
-    per_member = {i: (torch.randn(4, 784), torch.randint(0, 10, (4,))) for i in range(3)}
-    moved = module.transfer_batch_to_device(per_member, cpu, 0)
-    generic = L.LightningModule.transfer_batch_to_device(module, per_member, cpu, 0)
-    assert moved.keys() == generic.keys() == per_member.keys()
-    for k in per_member:
-        assert type(moved[k]) is tuple and all(a is b for a, b in zip(moved[k], generic[k]))  # same tensors on the CPU
-    for other in ((per_member[0][0], per_member[0][1]), {"x": per_member[0][0]}, {0: [per_member[0][0], per_member[0][1]]}):
-        out = module.transfer_batch_to_device(other, cpu, 0)
-        assert type(out) is type(other)  # Lightning's move: the collection type is kept

@@ -291,3 +291,31 @@ def test_gathered_member_batches_equal_one_loader_per_member(partition):
                 assert torch.equal(a[i][0], b[i][0]) and torch.equal(a[i][1], b[i][1]), (epoch, steps, i)
             steps += 1
         assert steps == len(new.flattened[0])
+
+
+def test_per_member_batch_transfer_matches_lightnings_generic_move(tmp_path) -> None:
+    """The fast path for {member: (x, y)} gives what Lightning's generic move gives; other batches take Lightning's;
+    a fit with a CohortModule warns nothing about the hook."""
+    import warnings
+
+    import lightning as L
+
+    from lightning_colearn import CohortModule
+    from lightning_colearn.models import LogisticRegression
+
+    dm = CohortDataModule("mnist_small", num_members=3, batch_size=4)
+    cpu = torch.device("cpu")
+    per_member = {i: (torch.randn(4, 784), torch.randint(0, 10, (4,))) for i in range(3)}
+    moved = dm.transfer_batch_to_device(per_member, cpu, 0)
+    generic = L.LightningDataModule.transfer_batch_to_device(dm, per_member, cpu, 0)
+    assert moved.keys() == generic.keys() == per_member.keys()
+    for k in per_member:
+        assert type(moved[k]) is tuple and all(a is b for a, b in zip(moved[k], generic[k]))  # the same tensors on the CPU
+    for other in ((per_member[0][0], per_member[0][1]), {"x": per_member[0][0]}, {0: [per_member[0][0], per_member[0][1]]}):
+        assert type(dm.transfer_batch_to_device(other, cpu, 0)) is type(other)  # Lightning's move keeps the collection
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(default_root_dir=tmp_path, max_steps=2, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0).fit(
+            CohortModule(LogisticRegression, size=3), datamodule=dm)
+    assert not [w for w in caught if "transfer_batch_to_device" in str(w.message)]
