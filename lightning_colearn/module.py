@@ -335,9 +335,11 @@ class CohortModule(L.LightningModule):
         opt.step(members=own)
         self._step_schedulers("step")
         if written:
-            self.last_loss[written] = losses
-            self._epoch_loss[written] += losses
-            self._epoch_steps[written] += 1
+            # every member, in order (the common case): whole-tensor ops, no list-to-index conversions
+            rows = slice(None) if len(written) == self.size and written == list(range(self.size)) else written
+            self.last_loss[rows] = losses
+            self._epoch_loss[rows] += losses
+            self._epoch_steps[rows] += 1
         if self._log_this_step(batch_idx):
             self.share_losses()
             self.log("train_loss/mean", self.last_loss[stepped].mean(), prog_bar=True, batch_size=_batch_size(batch))

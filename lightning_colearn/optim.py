@@ -199,6 +199,9 @@ class StackedOptimizer(Optimizer):
         return cached[1], cached[2]
 
     def _shared(self, name: str) -> Any:
+        first = self.param_groups[0][name]
+        if all(g[name] is first or g[name] == first for g in self.param_groups):  # called every step: no reprs then
+            return first
         values = {repr(g[name]) for g in self.param_groups}
         if len(values) > 1:
             raise ValueError(
