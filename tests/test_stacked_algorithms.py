@@ -36,6 +36,10 @@ from lightning_colearn.optim import CohortOptimizer, StackedOptimizer
 
 BACKENDS = ("loop", "stacked")
 RTOL, ATOL = 1e-4, 1e-5
+# Many Adam steps: float32 sums in another order (one bmm instead of N matmuls) drift apart most where Adam
+# divides by a tiny second moment (measured: 2.2e-5 on 1 of 100k weights after 34 steps of mutual learning);
+# the same allowance as tests/test_stacked.py's TRAIN_TOL. A wrong update moves weights by ~lr = 1e-2 a step.
+ADAM_ATOL = 1e-4
 
 SGD = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
 ADAM = partial(torch.optim.Adam, lr=1e-2)
@@ -80,7 +84,7 @@ def run_both(*args: Any, **kwargs: Any) -> tuple[Run, Run]:
     return loop, stacked
 
 
-def assert_same_weights(loop: CohortModule | list, stacked: CohortModule | list) -> None:
+def assert_same_weights(loop: CohortModule | list, stacked: CohortModule | list, atol: float = ATOL) -> None:
     """Every member's parameters and buffers agree within float tolerance (the same keys on both backends)."""
     a = states(loop) if isinstance(loop, CohortModule) else loop
     b = states(stacked) if isinstance(stacked, CohortModule) else stacked
@@ -88,8 +92,8 @@ def assert_same_weights(loop: CohortModule | list, stacked: CohortModule | list)
     for i, (sa, sb) in enumerate(zip(a, b)):
         assert sa.keys() == sb.keys(), i
         for k in sa:
-            rtol, atol = (1e-9, 1e-10) if sa[k].dtype == torch.float64 else (RTOL, ATOL)
-            torch.testing.assert_close(sb[k], sa[k], rtol=rtol, atol=atol, msg=lambda m, i=i, k=k: f"member {i} {k!r}: {m}")
+            rtol, tol = (1e-9, 1e-10) if sa[k].dtype == torch.float64 else (RTOL, atol)
+            torch.testing.assert_close(sb[k], sa[k], rtol=rtol, atol=tol, msg=lambda m, i=i, k=k: f"member {i} {k!r}: {m}")
 
 
 def changed(r: Run) -> list[bool]:
@@ -178,7 +182,7 @@ def test_mutual_learning_homogeneous_students_same_weights(optimizer, mutual_kwa
     )
     assert stacked.trainer.global_step == loop.trainer.global_step == 34  # 2 epochs of 17 shared batches
     assert all(changed(stacked))
-    assert_same_weights(loop.module, stacked.module)
+    assert_same_weights(loop.module, stacked.module, atol=ADAM_ATOL if optimizer is ADAM else ATOL)
     assert [e for e, _ in stacked.module.loss_history] == [0, 1]
     for (_, a), (_, b) in zip(loop.module.loss_history, stacked.module.loss_history):
         assert b == pytest.approx(a, rel=RTOL, abs=ATOL)
