@@ -737,25 +737,27 @@ class CohortModule(L.LightningModule):
                 config["scheduler"].load_state_dict(state)
 
 
-#: What ``backend="auto"`` stacks, from ``bench/vectorised.py`` (2-core CPU, batch 64 per member, SGD, through
-#: CohortModule + Trainer, Fashion-MNIST; stacked / loop member-samples/s):
+#: What ``backend="auto"`` stacks, from ``bench/vectorised.py`` (batch 64 per member, SGD, through
+#: CohortModule + Trainer, Fashion-MNIST; stacked / loop member-samples/s) on two 2-core CPUs, an
+#: AVX2-only one (A, median of 3) and an AMD EPYC whose MKL runs AVX-512 (B, median of 5):
 #:
-#: ============  ======  ======  ======  ======
-#: model          N=1     N=4    N=12    N=48
-#: ============  ======  ======  ======  ======
-#: logistic reg.  0.92    1.00    1.56    1.39
-#: MLP            0.56    1.05    1.42    1.69
-#: ConvNet        1.01    1.10    1.27    0.78
-#: ============  ======  ======  ======  ======
+#: ===============  ===========  ===========  ===========  ===========
+#: model (A / B)     N=1          N=4          N=12         N=48
+#: ===============  ===========  ===========  ===========  ===========
+#: logistic reg.    0.92 / 0.71  1.00 / 1.31  1.56 / 1.61  1.39 / 1.57
+#: MLP              0.56 / 0.85  1.05 / 1.29  1.42 / 1.56  1.69 / 1.53
+#: ConvNet          1.01 / 0.81  1.10 / 0.74  1.27 / 0.86  0.78 / 0.55
+#: ===============  ===========  ===========  ===========  ===========
 #:
-#: One member gains nothing from stacking and pays for the gathers; from about 8 members on the stacked
-#: step wins, most for models made of Linear layers (per-member kernel launches dominate the loop). A
-#: grouped convolution over many members loses to N small ones (ConvNet at N = 48), so convolutional
-#: models are stacked only up to STACKED_MAX_CONV_MEMBERS.
+#: One member gains nothing from stacking and pays for the gathers; from about 8 members on, the stacked
+#: step wins on both CPUs for models made of Linear layers (per-member kernel launches dominate the loop).
+#: A convolutional cohort wins on A but loses on B at every N: there oneDNN's small per-member
+#: convolutions are fast and the grouped one, with activations N times larger than the cache, is not.
+#: A backend that is faster on one CPU and 15-45 % slower on another is no default: ``auto`` leaves
+#: convolutional models on the loop (``backend="stacked"`` still stacks them).
 STACKED_MIN_MEMBERS = 8
-STACKED_MAX_CONV_MEMBERS = 16
-#: Model classes of this package measured faster stacked (within the member counts above).
-STACKED_FASTER = ("LogisticRegression", "MLP", "ConvNet")
+#: Model classes of this package measured faster stacked (with at least STACKED_MIN_MEMBERS members).
+STACKED_FASTER = ("LogisticRegression", "MLP")
 
 
 def choose_backend(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> str:
@@ -763,10 +765,10 @@ def choose_backend(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> str
 
     Stackable: plain modules (not LightningModules) of one architecture, every
     tensor-holding layer with a batched form, and SGD/Adam/AdamW. Faster: at
-    least :data:`STACKED_MIN_MEMBERS` members (at most
-    :data:`STACKED_MAX_CONV_MEMBERS` with convolutions), and a model class in
-    :data:`STACKED_FASTER` or one built only from ``nn.Linear`` and BatchNorm
-    layers (the kind of model the measurements cover).
+    least :data:`STACKED_MIN_MEMBERS` members, no convolution (stacked
+    convolutions win on some CPUs and lose on others, see the table above),
+    and a model class in :data:`STACKED_FASTER` or one built only from
+    ``nn.Linear`` and BatchNorm layers (the kind of model the measurements cover).
 
     Example:
         >>> from lightning_colearn.models import MLP
@@ -777,7 +779,7 @@ def choose_backend(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> str
         >>> choose_backend(Cohort(MLP, size=12), partial(torch.optim.RMSprop, lr=0.1), False)
         'loop'
         >>> from lightning_colearn.models import ConvNet
-        >>> choose_backend(Cohort(ConvNet, size=48), partial(torch.optim.SGD, lr=0.1), False)
+        >>> choose_backend(Cohort(ConvNet, size=12), partial(torch.optim.SGD, lr=0.1), False)
         'loop'
     """
     if len(cohort) < STACKED_MIN_MEMBERS:
@@ -788,8 +790,7 @@ def choose_backend(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> str
         return "loop"
     member = cohort[0]
     layers = batched_layers(member) or {}
-    convolutional = StackedConv2d in layers.values()
-    if convolutional and len(cohort) > STACKED_MAX_CONV_MEMBERS:
+    if StackedConv2d in layers.values():
         return "loop"
     if type(member).__name__ in STACKED_FASTER and type(member).__module__ == "lightning_colearn.models":
         return "stacked"

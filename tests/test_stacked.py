@@ -425,6 +425,8 @@ def test_lightning_members_refused_and_auto_falls_back():
     assert CohortModule(Classifier, size=8, backend="auto").cohort.backend == "loop"
     assert CohortModule(MLP, size=8, backend="auto").cohort.backend == "stacked"
     assert CohortModule(MLP, size=2, backend="auto").cohort.backend == "loop"  # too few members to gain
+    assert CohortModule(ConvNet, size=12, backend="auto").cohort.backend == "loop"  # faster on one CPU, slower on another
+    assert CohortModule(LogisticRegression, size=12, backend="auto").cohort.backend == "stacked"
     assert CohortModule(MLP, size=8, backend="auto", optimizer=partial(torch.optim.RMSprop, lr=0.1)).cohort.backend == "loop"
     assert choose_backend(Cohort([m for _ in range(4) for m in (MLP(), LogisticRegression())]), partial(torch.optim.SGD, lr=0.1), False) == "loop"
     assert choose_backend(Cohort(Odd, size=8), partial(torch.optim.SGD, lr=0.1), False) == "loop"  # vmap only: not faster
