@@ -335,15 +335,25 @@ def test_runs_in_bf16_mixed_precision():
 
 
 # ---------------------------------------------------------------- accuracy
-@pytest.mark.slow
-def test_colearn_example_on_mnist_small_reaches_096_in_20_rounds():
-    L.seed_everything(0, verbose=False)
+def _colearn_example(seed: int) -> dict[str, float]:
+    L.seed_everything(seed, verbose=False)
     dm = CohortDataModule("mnist_small", num_members=5, batch_size=64, eval_batch_size=500, splits=(0.9, 0.1, 0.0))
     voting = CollectiveVoting(threshold=0.5, criterion=MulticlassAccuracy(num_classes=10))
     module = CohortModule(ColearnConvNet, size=5, optimizer=partial(torch.optim.Adam, lr=1e-3))
     trainer = fast_trainer(max_epochs=20, callbacks=[voting])
     trainer.fit(module, datamodule=dm)
-    result = trainer.test(module, datamodule=dm, verbose=False)[0]
-    # Measured at seed 0: 0.969 (15 of 20 rounds accepted); seeds 1 and 2 give 0.956 and 0.968.
-    assert result["test_acc/mean"] >= 0.96
-    assert len({round(result[f"test_acc/member_{i}"], 6) for i in range(5)}) == 1  # one shared model
+    return trainer.test(module, datamodule=dm, verbose=False)[0]
+
+
+@pytest.mark.slow
+def test_colearn_example_on_mnist_small_reaches_096_in_20_rounds():
+    # One run's accuracy depends on the CPU's float kernels, not only on the seed: seed 0 gave 0.969 on an
+    # AVX2-only CPU and 0.951 on an AVX-512 one. Seeds 0-4 on the latter: 0.951, 0.961, 0.968, 0.971, 0.971
+    # (seeds 0-2 on the former: 0.969, 0.956, 0.968). So the claim is the typical run: the median of 5 seeds,
+    # and no run far below it.
+    results = [_colearn_example(seed) for seed in range(5)]
+    accuracies = sorted(r["test_acc/mean"] for r in results)
+    assert accuracies[2] >= 0.96, accuracies
+    assert accuracies[0] >= 0.94, accuracies
+    for result in results:
+        assert len({round(result[f"test_acc/member_{i}"], 6) for i in range(5)}) == 1  # one shared model
