@@ -243,6 +243,20 @@ def test_nan_score_cannot_be_proposed(path: Path) -> None:
         ledger.propose(4, winner=0, scores=[float("nan")], weights=_state(4))
 
 
+def test_a_read_only_ledger_refuses_to_store_not_to_validate(path: Path) -> None:
+    """Storing into a read-only ledger is a LedgerError, not a BlockRefused: PoFL raises the one and logs the other."""
+    before = _file_digest(path)
+    with Ledger(path) as writer:
+        block, data = writer.propose(4, winner=0, scores=[_score(_state(4))], weights=_state(4))
+    with Ledger(path, readonly=True) as reader:
+        reader.validate(block, data, rescore=_score)  # a valid block...
+        with pytest.raises(LedgerError, match=f"block 4: {path} is open read-only") as caught:
+            reader.commit(block, data, rescore=_score)  # ...that cannot be stored
+        assert not isinstance(caught.value, BlockRefused)
+        assert len(reader) == 4
+    assert _file_digest(path) == before
+
+
 # ----------------------------------------------------------------- files
 def test_a_non_ledger_file_is_refused(tmp_path: Path) -> None:
     text = tmp_path / "notes.txt"
