@@ -70,7 +70,7 @@ from lightning_colearn.cohort import BACKENDS, Cohort, MemberSpec
 from lightning_colearn.functional import stacked as FS
 from lightning_colearn.metrics.cohort import CohortMetric
 from lightning_colearn.optim import STACKED_OPTIMIZERS, CohortOptimizer, StackedOptimizer
-from lightning_colearn.stacked import StackedBatchNorm, StackedConv2d, StackedLinear, batched_layers
+from lightning_colearn.stacked import StackedBatchNorm, StackedLinear, batched_layers
 
 __all__ = ["CohortModule", "choose_backend"]
 
@@ -756,8 +756,6 @@ class CohortModule(L.LightningModule):
 #: A backend that is faster on one CPU and 15-45 % slower on another is no default: ``auto`` leaves
 #: convolutional models on the loop (``backend="stacked"`` still stacks them).
 STACKED_MIN_MEMBERS = 8
-#: Model classes of this package measured faster stacked (with at least STACKED_MIN_MEMBERS members).
-STACKED_FASTER = ("LogisticRegression", "MLP")
 
 
 def choose_backend(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> str:
@@ -765,10 +763,10 @@ def choose_backend(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> str
 
     Stackable: plain modules (not LightningModules) of one architecture, every
     tensor-holding layer with a batched form, and SGD/Adam/AdamW. Faster: at
-    least :data:`STACKED_MIN_MEMBERS` members, no convolution (stacked
-    convolutions win on some CPUs and lose on others, see the table above),
-    and a model class in :data:`STACKED_FASTER` or one built only from
-    ``nn.Linear`` and BatchNorm layers (the kind of model the measurements cover).
+    least :data:`STACKED_MIN_MEMBERS` members, and a model built only from
+    ``nn.Linear`` and BatchNorm layers (the kind of model the measurements
+    cover: this package's LogisticRegression and MLP); no convolution (stacked
+    convolutions win on some CPUs and lose on others, see the table above).
 
     Example:
         >>> from lightning_colearn.models import MLP
@@ -790,10 +788,6 @@ def choose_backend(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> str
         return "loop"
     member = cohort[0]
     layers = batched_layers(member) or {}
-    if StackedConv2d in layers.values():
-        return "loop"
-    if type(member).__name__ in STACKED_FASTER and type(member).__module__ == "lightning_colearn.models":
-        return "stacked"
     linear_only = bool(layers) and set(layers.values()) <= {StackedLinear, StackedBatchNorm}
     return "stacked" if linear_only else "loop"
 
