@@ -10,6 +10,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from torch.nn import functional as F
 from torch.testing import assert_close
 
 from helpers import BNNet, fast_trainer, states
@@ -80,6 +81,33 @@ def test_forward_equals_loop(cls, train):
     for a, b in zip(states_of(loop), states_of(stacked)):
         for k in a:
             assert_close(a[k], b[k], **TOL)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("stride,padding,dilation,groups", [(1, 0, 1, 1), (2, 1, 1, 2), (1, 2, 2, 1)])
+def test_stacked_conv2d_equals_member_convs(monkeypatch, channels_last, stride, padding, dilation, groups):
+    """The grouped convolution, in either memory format, gives each member its own conv's output and gradients."""
+    import lightning_colearn.functional.stacked as FS
+
+    monkeypatch.setattr(FS, "CHANNELS_LAST", channels_last)
+    torch.manual_seed(0)
+    n, batch = 3, 5
+    w = torch.randn(n, 4, 4 // groups, 3, 3, requires_grad=True)
+    b = torch.randn(n, 4, requires_grad=True)
+    x = torch.randn(batch * n, 4, 9, 9, requires_grad=True)  # sample-major: row b * n + i is member i's
+    out = FS.conv2d(x, w, b, stride, padding, dilation, groups)
+    assert out.is_contiguous()  # the model's own forward sees the usual layout
+    want = torch.stack([F.conv2d(x[i::n], w[i], b[i], stride, padding, dilation, groups) for i in range(n)], 1)
+    assert_close(out, want.flatten(0, 1), **TOL)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, w, b), g)
+    expected = torch.autograd.grad(want.flatten(0, 1), (x, w, b), g)
+    for a, e in zip(got, expected):
+        assert_close(a, e, **TOL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # bf16-mixed on CPU runs the channels-last kernel too
+        low = FS.conv2d(x, w, b, stride, padding, dilation, groups)
+    assert low.dtype == torch.bfloat16
+    assert_close(low.float(), out, rtol=0.05, atol=0.1)
 
 
 def states_of(cohort):

@@ -94,18 +94,41 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None, member_major: bool = 
     return out.reshape(n, -1, *x.shape[1:-1], out.shape[-1]).transpose(0, 1).reshape(*x.shape[:-1], out.shape[-1])
 
 
+#: Whether the grouped convolution runs in channels-last memory format (the input copied into it, the
+#: output copied back, so the model's own ``forward`` still sees contiguous ``[B * N, C, H, W]``).
+#: oneDNN's grouped convolution, above all its weight gradient, is much faster channels-last; the two
+#: copies cost less than it saves. Measured on this project's 2-core CPU (AMD EPYC, MKL on AVX-512),
+#: forward and backward of 12 stacked ConvNets on 64 images each, median of 15, interleaved:
+#: 103.7 ms contiguous, 76.6 ms channels-last (85.3 with only the first convolution channels-last),
+#: against 92.3 ms for the 12 members' convolutions one by one.
+CHANNELS_LAST = True
+
+
 def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dilation, groups: int = 1) -> Tensor:
     """``nn.Conv2d`` for N members as one grouped convolution.
 
     ``x`` ``[B * N, C, H, W]`` is viewed as ``[B, N * C, H, W]`` and the
     members' kernels ``[N, out, C / groups, k, k]`` become ``N * groups``
     groups: member ``i``'s output channels see only member ``i``'s input.
+    The output is contiguous whatever :data:`CHANNELS_LAST` says.
+
+    Example:
+        >>> import torch
+        >>> w, b = torch.randn(3, 4, 2, 3, 3), torch.randn(3, 4)   # 3 members of nn.Conv2d(2, 4, 3)
+        >>> x = torch.randn(5 * 3, 2, 8, 8)                         # 5 images per member, sample-major
+        >>> out = conv2d(x, w, b, 1, 0, 1)
+        >>> out.shape, out.is_contiguous()
+        (torch.Size([15, 4, 6, 6]), True)
+        >>> torch.allclose(out[2::3], torch.nn.functional.conv2d(x[2::3], w[2], b[2]), atol=1e-5)
+        True
     """
     n, out_channels = weight.shape[:2]
     xs = x.reshape(-1, n * x.shape[1], *x.shape[2:])
+    if CHANNELS_LAST:
+        xs = xs.contiguous(memory_format=torch.channels_last)
     y = F.conv2d(xs, weight.reshape(n * out_channels, *weight.shape[2:]),
                  None if bias is None else bias.reshape(-1), stride, padding, dilation, n * groups)
-    return y.reshape(-1, out_channels, *y.shape[2:])
+    return y.contiguous().reshape(-1, out_channels, *y.shape[2:])
 
 
 def batch_norm(
