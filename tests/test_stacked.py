@@ -122,6 +122,52 @@ def test_engine_modes():
     assert StackedModel(members(Odd, 2)).mode == "vmap"
 
 
+class ConvBN(nn.Module):
+    """Conv2d and BatchNorm2d: the sample-major folding and per-member running statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 5)
+        self.bn = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 12 * 12, 10)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2).flatten(1))
+
+
+@pytest.mark.parametrize("cls", [ConvNet, ConvBN, BNNet])
+def test_members_run_in_passes_when_activations_are_large(monkeypatch, cls):
+    """Above LARGEST_ACTIVATION the members run in equal passes: outputs, gradients and running statistics
+    equal one pass (and the loop's), for all members or a subset."""
+    import lightning_colearn.stacked as S
+
+    loop, one = pair(cls, n=5)
+    _, passes = pair(cls, n=5)
+    x = torch.randn(5, 6, 1, 28, 28)
+    for c in (one, passes):
+        with torch.no_grad():  # the first forward measures the activations (eval: no running statistics change)
+            c.eval().stacked_forward(x[:, :2], per_member=True)
+        c.train()
+    monkeypatch.setattr(S, "LARGEST_ACTIVATION", 2 * 6 * passes.engine._row_bytes)  # 2 members of 6 samples
+    assert passes.engine.members_per_pass(6) == 2 and one.engine.members_per_pass(1) == 5
+    for subset in (None, [4, 0, 3]):
+        rows = list(range(5)) if subset is None else subset
+        out = passes.stacked_forward(x[rows], subset, per_member=True)  # passes of 2, 2, 1 (or 2, 1)
+        monkeypatch.setattr(S, "LARGEST_ACTIVATION", 10**12)
+        want = one.stacked_forward(x[rows], subset, per_member=True)
+        monkeypatch.setattr(S, "LARGEST_ACTIVATION", 2 * 6 * passes.engine._row_bytes)
+        assert_close(out, want, **TOL)
+        assert_close(out, torch.stack([loop[i].train()(x[i]) for i in rows]), **TOL)
+        grads = torch.autograd.grad(out.square().sum(), passes.stacked_parameters())
+        expected = torch.autograd.grad(want.square().sum(), one.stacked_parameters())
+        for g, e in zip(grads, expected):
+            assert_close(g, e, **TOL)
+    for a, b, c in zip(states_of(passes), states_of(one), states_of(loop)):
+        for k in a:
+            assert_close(a[k], b[k], **TOL)
+            assert_close(a[k], c[k], **TOL)
+
+
 def test_forward_that_mixes_samples_falls_back_to_vmap():
     """A forward that is not per-sample is detected on first use and runs with vmap, matching the loop."""
     loop, stacked = pair(Centred, n=3)
