@@ -751,10 +751,13 @@ class CohortModule(L.LightningModule):
 #:
 #: One member gains nothing from stacking and pays for the gathers; from about 8 members on, the stacked
 #: step wins on both CPUs for models made of Linear layers (per-member kernel launches dominate the loop).
-#: A convolutional cohort wins on A but loses on B at every N: there oneDNN's small per-member
-#: convolutions are fast and the grouped one, with activations N times larger than the cache, is not.
-#: A backend that is faster on one CPU and 15-45 % slower on another is no default: ``auto`` leaves
-#: convolutional models on the loop (``backend="stacked"`` still stacks them).
+#: The ConvNet row is the grouped convolution in contiguous memory, before two changes measured on B
+#: only: channels-last convolutions (``functional.stacked.CHANNELS_LAST``) and passes of members whose
+#: activations stay under 30 MiB (``stacked.LARGEST_ACTIVATION``). With them, over four runs on B, the
+#: stacked ConvNet trains 1.01-1.17x the plain loop at N=12 (0.70-1.27x the loop backend, whose own speed
+#: varied 0.95-1.47x the plain loop between those runs) and 1.10-1.32x at N=48 (two runs); colearn's
+#: larger ConvNet 1.18x at N=12, 0.94x at N=48 (one run). That is a win on average but not on every run, model and N, and A is
+#: not re-measured: ``auto`` leaves convolutional models on the loop (``backend="stacked"`` stacks them).
 STACKED_MIN_MEMBERS = 8
 
 
