@@ -406,10 +406,11 @@ def test_only_active_members_train():
     assert opt.member_state_dict(0)["state"] == {} and float(opt.member_state_dict(1)["state"][0]["step"]) == 4
 
 
-def test_bf16_mixed_runs_stacked():
+@pytest.mark.parametrize("cls", [MLP, ConvNet])
+def test_bf16_mixed_runs_stacked(cls):
     """precision='bf16-mixed' trains a stacked cohort on CPU to finite weights close to the loop's."""
-    a, _ = run("loop", steps=4, precision="bf16-mixed")
-    b, _ = run("stacked", steps=4, precision="bf16-mixed")
+    a, _ = run("loop", steps=4, precision="bf16-mixed", cls=cls)
+    b, _ = run("stacked", steps=4, precision="bf16-mixed", cls=cls)
     for x, y in zip(states(a), states(b)):
         for k in x:
             assert torch.isfinite(y[k]).all()
