@@ -295,25 +295,28 @@ class StackedModel(nn.Module):
         else:  # sample-major [B * n, ...] (see functional.stacked): convolutions then need no copies
             xs = x.transpose(0, 1) if per_member else x.unsqueeze(1).expand(x.shape[0], n, *x.shape[1:])
         self._ctx.index = index
-        hooks = self._measure_rows() if self._row_bytes is None else []
+        sizes: list[int] = []
+        hooks = self._measure_rows(sizes) if self._row_bytes is None else []
         try:
             out = self.net(xs.reshape(-1, *xs.shape[2:]))
         finally:
             self._ctx.index = None
             for hook in hooks:
                 hook.remove()
+        if hooks:  # set only once a forward went through
+            self._row_bytes = max(sizes, default=0) or None
         if self._ctx.member_major:
             return out.reshape(n, -1, *out.shape[1:])
         return out.reshape(-1, n, *out.shape[1:]).transpose(0, 1)
 
-    def _measure_rows(self) -> list:
-        """Hooks recording the largest input or output of a stacked layer per folded row (one sample of one member)."""
-        self._row_bytes = 0
+    def _measure_rows(self, sizes: list[int]) -> list:
+        """Hooks appending to ``sizes`` the bytes per folded row (one sample of one member) of every stacked
+        layer's input and output, counted at 4 bytes an element or more (bf16 runs get fp32's passes)."""
 
         def record(module, inputs, output) -> None:
             for t in (*inputs, output):
                 if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0]:
-                    self._row_bytes = max(self._row_bytes, t.numel() // t.shape[0] * max(t.element_size(), 4))
+                    sizes.append(t.numel() // t.shape[0] * max(t.element_size(), 4))
 
         return [m.register_forward_hook(record) for m in self.net.modules() if isinstance(m, _StackedLayer)]
 

@@ -168,6 +168,17 @@ def test_members_run_in_passes_when_activations_are_large(monkeypatch, cls):
             assert_close(a[k], c[k], **TOL)
 
 
+def test_a_failed_first_forward_measures_nothing():
+    """The pass size is learnt from a forward that went through, not from one that raised half-way."""
+    engine = StackedModel(members(ConvNet, 3))
+    with pytest.raises(RuntimeError):
+        engine(torch.randn(2, 1, 14, 14))  # too small for the ConvNet's fc layer: fails after conv1 ran
+    assert engine._row_bytes is None and engine.members_per_pass(64) == 3
+    engine(torch.randn(2, 1, 28, 28))
+    assert engine._row_bytes == 10 * 24 * 24 * 4  # conv1's output per image and member, the largest
+    assert engine.members_per_pass(10**6) == 1
+
+
 def test_forward_that_mixes_samples_falls_back_to_vmap():
     """A forward that is not per-sample is detected on first use and runs with vmap, matching the loop."""
     loop, stacked = pair(Centred, n=3)
