@@ -756,8 +756,9 @@ class CohortModule(L.LightningModule):
 #: activations stay under 30 MiB (``stacked.LARGEST_ACTIVATION``). With them, over four runs on B, the
 #: stacked ConvNet trains 1.01-1.17x the plain loop at N=12 (0.70-1.27x the loop backend, whose own speed
 #: varied 0.95-1.47x the plain loop between those runs) and 1.10-1.32x at N=48 (two runs); colearn's
-#: larger ConvNet 1.18x at N=12, 0.94x at N=48 (one run). That is a win on average but not on every run, model and N, and A is
-#: not re-measured: ``auto`` leaves convolutional models on the loop (``backend="stacked"`` stacks them).
+#: larger ConvNet 1.18x at N=12, 0.94x at N=48 (one run). That is a win on average but not on every
+#: run, model and N, and A is not re-measured: ``auto`` leaves convolutional models on the loop
+#: (``backend="stacked"`` stacks them).
 STACKED_MIN_MEMBERS = 8
 
 

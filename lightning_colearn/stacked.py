@@ -265,12 +265,11 @@ class StackedModel(nn.Module):
             return self._vmap_forward(x, index, per_member)
         per_pass = self.members_per_pass(x.shape[1] if per_member else x.shape[0])
         if per_pass >= n:
-            return self._batched_forward(x, index, per_member, n)
+            return self._batched_forward(x, index, per_member)
         per_pass = -(-n // -(-n // per_pass))  # passes of equal size: 12 members at most 10 a pass run as 6 + 6
         ids = torch.arange(self.size, device=x.device) if index is None else index
         return torch.cat([
-            self._batched_forward(x[k:k + per_pass] if per_member else x, ids[k:k + per_pass], per_member,
-                                  len(ids[k:k + per_pass]))
+            self._batched_forward(x[k:k + per_pass] if per_member else x, ids[k:k + per_pass], per_member)
             for k in range(0, n, per_pass)
         ])
 
@@ -289,7 +288,8 @@ class StackedModel(nn.Module):
             return self.size
         return max(1, min(self.size, LARGEST_ACTIVATION // (max(1, batch) * self._row_bytes)))
 
-    def _batched_forward(self, x: Tensor, index: Tensor | None, per_member: bool, n: int) -> Tensor:
+    def _batched_forward(self, x: Tensor, index: Tensor | None, per_member: bool) -> Tensor:
+        n = self.size if index is None else len(index)
         if self._ctx.member_major:  # [n * B, ...]
             xs = x if per_member else x.unsqueeze(0).expand(n, *x.shape)
         else:  # sample-major [B * n, ...] (see functional.stacked): convolutions then need no copies
