@@ -33,7 +33,15 @@ What it measures
     follows the live tensors on both sides alike. Printed per member two ways:
     the total divided by N, and the marginal cost of one more member (the
     slope from the previous N), which leaves out what a process pays once
-    (MKL's GEMM buffers, Lightning's Trainer).
+    (MKL's GEMM buffers, Lightning's Trainer); each for the whole RSS and for
+    its anonymous part (heap, tensors). The rest of the RSS is file-backed,
+    mostly libtorch's code: the first call of a kernel maps its pages (the
+    first ``torch.stack`` in a process: 1.1 MiB), shared with every process
+    and dropped under memory pressure, and the stacked side calls kernels the
+    loop never does. Logistic regression's stacked side also keeps its
+    members' original parameters as free heap blocks (31 KiB each, under the
+    mmap threshold, so glibc does not return them when the stacked tensors
+    replace them): 0.37 MiB at N = 12.
 
     Per-step floor (skip with ``--no-floor``): what a Trainer step costs with
     nothing to train (a LightningModule whose step calls ``manual_backward``
@@ -99,13 +107,14 @@ def make_datamodule(n: int) -> CohortDataModule:
 
 
 class _RssPeak(L.Callback):
-    """The largest RSS seen after any training step (KiB); ``ru_maxrss`` would also count data loading."""
+    """The largest RSS and anonymous RSS seen after any training step (KiB); ``ru_maxrss`` would also count data loading."""
 
-    peak = 0
+    peak = {"rss": 0, "anon": 0}
 
     @classmethod
     def sample(cls) -> None:
-        cls.peak = max(cls.peak, _rss_kib())
+        for key, value in _memory_kib().items():
+            cls.peak[key] = max(cls.peak[key], value)
 
     def on_train_batch_end(self, *args) -> None:
         self.sample()
@@ -259,18 +268,24 @@ def raw_stacked_seconds(model: str, n: int, warmup: int, steps: int, seed: int =
     return time.perf_counter() - t0
 
 
-def _rss_kib() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+def _memory_kib() -> dict[str, int]:
+    """This process's resident set (``rss``) and its anonymous part (``anon``: heap, tensors, stacks), in KiB."""
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon"):
+                fields[key] = int(value.split()[0])
+    return {"rss": fields["VmRSS"], "anon": fields["RssAnon"]}
 
 
 def memory_child(model: str, n: int, side: str, steps: int) -> None:
-    """In a fresh process: RSS before building the models, and the peak after a few steps (KiB, JSON on stdout)."""
+    """In a fresh process: RSS and anonymous RSS before building the models, and their peaks after a few steps (KiB, JSON)."""
     _quiet_lightning()
     dm = make_datamodule(n)
     dm.setup("fit")  # data loaded (and kept: the run reuses it) and torch warmed up before the baseline
     torch.zeros(1).requires_grad_().sum().backward()
-    base = _rss_kib()
+    base = _memory_kib()
     if side == "plain":
         run_plain(model, n, 1, steps, dm=dm)
     else:
@@ -282,15 +297,15 @@ def memory_child(model: str, n: int, side: str, steps: int) -> None:
 MMAP_THRESHOLD = 128 * 1024
 
 
-def measure_memory(model: str, n: int, side: str, steps: int) -> float:
-    """Training memory in MiB of one side, from a fresh subprocess."""
+def measure_memory(model: str, n: int, side: str, steps: int) -> dict[str, float]:
+    """Training memory in MiB of one side, from a fresh subprocess: ``{"rss": ..., "anon": ...}``."""
     out = subprocess.run(
         [sys.executable, __file__, "--memory-child", model, str(n), side, "--steps", str(steps)],
         check=True, capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)},
     ).stdout.strip().splitlines()[-1]
     sample = json.loads(out)
-    return (sample["peak"] - sample["base"]) / 1024
+    return {key: (sample["peak"][key] - sample["base"][key]) / 1024 for key in ("rss", "anon")}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -315,13 +330,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data {DATA}; batch {BATCH} per member, SGD lr {LR}; "
           f"member-samples/s, median of {args.repeats}")
     header = (f"{'model':8} {'N':>3} {'plain':>9} {'loop':>9} {'stacked':>9} {'loop/plain':>10} {'stacked/plain':>13} "
-              f"{'stacked/loop':>12}" + ("" if args.no_memory else f" {'MiB/member plain':>16} {'loop':>6} {'stacked':>7}"
-                                          f" {'marginal plain':>14} {'loop':>6} {'stacked':>7}"))
+              f"{'stacked/loop':>12}")
     print(header)
-    verdicts = []
+    verdicts, memory_rows = [], []
     plain_step: dict[str, float] = {}  # ms per step of the plain loop at N = TARGET_N
+    sides = ("plain", "loop", "stacked")
     for model in args.models:
-        previous: tuple[int, dict[str, float]] | None = None  # (N, total MiB per side) of the previous size
+        previous: tuple[int, dict[str, dict[str, float]]] | None = None  # (N, total MiB per side) of the previous size
         for n in args.sizes:
             steps = args.steps or (3 if args.quick else max(10, min(200, 60_000 // (n * BATCH) // (40 if model == "convnet" else 1))))
             times: dict[str, list[float]] = {"plain": [], "loop": [], "stacked": []}
@@ -332,29 +347,37 @@ def main(argv: list[str] | None = None) -> None:
             rate = {k: n * BATCH * steps / statistics.median(v) for k, v in times.items()}
             ratios = {f"{a}/{b}": statistics.median(tb / ta for ta, tb in zip(times[a], times[b]))  # rate a / rate b
                       for a, b in (("loop", "plain"), ("stacked", "plain"), ("stacked", "loop"))}
-            row = (f"{model:8} {n:>3} {rate['plain']:>9.0f} {rate['loop']:>9.0f} {rate['stacked']:>9.0f} "
-                   f"{ratios['loop/plain']:>10.2f} {ratios['stacked/plain']:>13.2f} {ratios['stacked/loop']:>12.2f}")
+            print(f"{model:8} {n:>3} {rate['plain']:>9.0f} {rate['loop']:>9.0f} {rate['stacked']:>9.0f} "
+                  f"{ratios['loop/plain']:>10.2f} {ratios['stacked/plain']:>13.2f} {ratios['stacked/loop']:>12.2f}", flush=True)
             if not args.no_memory:
-                total = {side: measure_memory(model, n, side, 3 if args.quick else 10) for side in ("plain", "loop", "stacked")}
-                mem = {side: v / n for side, v in total.items()}
-                row += f" {mem['plain']:>16.2f} {mem['loop']:>6.2f} {mem['stacked']:>7.2f}"
+                total = {side: measure_memory(model, n, side, 3 if args.quick else 10) for side in sides}
                 marginal = None
                 if previous is not None and n > previous[0]:
-                    marginal = {side: (total[side] - previous[1][side]) / (n - previous[0]) for side in total}
-                    row += f" {marginal['plain']:>14.2f} {marginal['loop']:>6.2f} {marginal['stacked']:>7.2f}"
+                    marginal = {side: {k: (total[side][k] - previous[1][side][k]) / (n - previous[0]) for k in ("rss", "anon")}
+                                for side in sides}
                 previous = (n, total)
+                memory_rows.append((model, n, total, marginal))
                 if n == TARGET_N:
-                    verdicts.append(f"{model} memory per member (total / N) stacked {mem['stacked']:.2f} MiB vs loop "
-                                    f"{mem['loop']:.2f} MiB -> {'met' if mem['stacked'] <= mem['loop'] else 'missed'}")
-                    if marginal is not None:
-                        verdicts.append(f"{model} marginal memory per member stacked {marginal['stacked']:.2f} MiB vs loop "
-                                        f"{marginal['loop']:.2f} MiB -> {'met' if marginal['stacked'] <= marginal['loop'] else 'missed'}")
-            print(row, flush=True)
+                    for kind, what in (("rss", "RSS"), ("anon", "anonymous RSS")):
+                        mem = {side: total[side][kind] / n for side in sides}
+                        verdicts.append(f"{model} {what} per member (total / N) stacked {mem['stacked']:.2f} MiB vs loop "
+                                        f"{mem['loop']:.2f} MiB -> {'met' if mem['stacked'] <= mem['loop'] else 'missed'}")
+                        if marginal is not None:
+                            verdicts.append(f"{model} marginal {what} per member stacked {marginal['stacked'][kind]:.2f} MiB "
+                                            f"vs loop {marginal['loop'][kind]:.2f} MiB -> "
+                                            f"{'met' if marginal['stacked'][kind] <= marginal['loop'][kind] else 'missed'}")
             if n == TARGET_N:
                 plain_step[model] = statistics.median(times["plain"]) / steps * 1e3
                 speedup = ratios["stacked/plain"]
                 verdicts.append(f"{model} stacked/plain at N={n}: {speedup:.2f} (target >= {TARGETS[model]}) -> "
                                 f"{'met' if speedup >= TARGETS[model] else 'missed'}")
+    if memory_rows:
+        print("\nMiB per member: total / N, and marginal (slope from the previous N); plain / loop / stacked")
+        print(f"{'model':8} {'N':>3} {'RSS / N':>20} {'anonymous / N':>20} {'marginal RSS':>20} {'marginal anonymous':>20}")
+        for model, n, total, marginal in memory_rows:
+            cells = [" / ".join(f"{total[side][k] / n:.2f}" for side in sides) for k in ("rss", "anon")]
+            cells += [" / ".join(f"{marginal[side][k]:.2f}" for side in sides) if marginal else "-" for k in ("rss", "anon")]
+            print(f"{model:8} {n:>3} " + " ".join(f"{c:>20}" for c in cells), flush=True)
     for v in verdicts:
         print("target:", v)
     if not args.no_floor and plain_step:
