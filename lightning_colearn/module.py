@@ -753,9 +753,9 @@ class CohortModule(L.LightningModule):
 #: step wins on both CPUs for models made of Linear layers (per-member kernel launches dominate the loop).
 #: The ConvNet row is the grouped convolution in contiguous memory, before two changes measured on B
 #: only: channels-last convolutions (``functional.stacked.CHANNELS_LAST``) and passes of members whose
-#: activations stay under 30 MiB (``stacked.LARGEST_ACTIVATION``). With them, over four runs on B, the
-#: stacked ConvNet trains 1.01-1.17x the plain loop at N=12 (0.70-1.27x the loop backend, whose own speed
-#: varied 0.95-1.47x the plain loop between those runs) and 1.10-1.32x at N=48 (two runs); colearn's
+#: activations stay under 30 MiB (``stacked.LARGEST_ACTIVATION``). With them, over six runs on B, the
+#: stacked ConvNet trains 0.88-1.17x the plain loop at N=12 (0.70-1.27x the loop backend, whose own speed
+#: varied 0.95-1.47x the plain loop between those runs) and 0.97-1.32x at N=48 (three runs); colearn's
 #: larger ConvNet 1.18x at N=12, 0.94x at N=48 (one run). That is a win on average but not on every
 #: run, model and N, and A is not re-measured: ``auto`` leaves convolutional models on the loop
 #: (``backend="stacked"`` stacks them).
