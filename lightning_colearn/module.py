@@ -209,18 +209,23 @@ class CohortModule(L.LightningModule):
     def _member_logits(self, batch: Any, members: list[int]) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor | None]:
         """``{member: (logits, y)}`` through the stacked forward (one call per group of same-shaped batches),
         and the stacked logits ``[n, B, ...]`` when one call served every member (else None)."""
+        # every member in order: no member list for the cohort to check index by index on each step
+        every = None if len(members) == self.size and members == list(range(self.size)) else members
         if not (isinstance(batch, Mapping) and all(isinstance(k, int) for k in batch)):
             x, y = batch
-            out = self.cohort.stacked_forward(x, members)
+            out = self.cohort.stacked_forward(x, every)
             return dict(zip(members, ((o, y) for o in out.unbind(0)))), out
-        parts = {i: self.member_batch(batch, i) for i in members}  # (x, y) of each member
+        if type(self).member_batch is CohortModule.member_batch and all(i in batch for i in members):
+            parts = {i: batch[i] for i in members}  # (x, y) of each member; the same as member_batch, without N checks
+        else:
+            parts = {i: self.member_batch(batch, i) for i in members}
         groups: dict[tuple, list[int]] = defaultdict(list)  # a member's last batch of an epoch may be shorter
         for i, (x, y) in parts.items():
             groups[(x.shape, y.shape)].append(i)
         result, whole = {}, None
         for group in groups.values():
             xs = _stack_members([parts[i][0] for i in group])
-            out = self.cohort.stacked_forward(xs, group, per_member=True)
+            out = self.cohort.stacked_forward(xs, every if len(groups) == 1 else group, per_member=True)
             if len(groups) == 1:
                 whole = out  # the losses use it whole: no N selects in the backward
             result.update({i: (o, parts[i][1]) for i, o in zip(group, out.unbind(0))})

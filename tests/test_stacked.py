@@ -402,6 +402,34 @@ def test_training_with_batchnorm_and_conv_equals_loop():
                 assert_close(x[k], y[k], **TOL)
 
 
+class Rotated(CohortModule):
+    """Member i trains on member i + 1's batch: an overridden ``member_batch``."""
+
+    def member_batch(self, batch, member):
+        return super().member_batch(batch, (member + 1) % self.size)
+
+
+def test_overridden_member_batch_is_honoured_by_both_backends():
+    def train(cls, backend):
+        L.seed_everything(0, verbose=False)
+        module = cls(MLP, size=3, optimizer=partial(torch.optim.SGD, lr=0.1), backend=backend)
+        fast_trainer(max_steps=3).fit(module, datamodule=CohortDataModule(num_members=3, batch_size=16, seed=0))
+        return states(module)
+
+    loop, stacked, plain = train(Rotated, "loop"), train(Rotated, "stacked"), train(CohortModule, "stacked")
+    for x, y in zip(loop, stacked):
+        for k in x:
+            assert_close(x[k], y[k], **TOL)
+    assert not torch.equal(stacked[0]["fc1.weight"], plain[0]["fc1.weight"])
+
+
+def test_stacked_batch_without_a_member_entry_is_a_clear_error():
+    module = CohortModule(LogisticRegression, size=2, backend="stacked")
+    batch = {0: (torch.zeros(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))}
+    with pytest.raises(KeyError, match=r"no entry for member 1 \(members in batch: \[0\]\)"):
+        module.cohort_losses(batch, 0)
+
+
 def test_only_active_members_train():
     """With active_members set, the others' weights and optimizer states are bit-for-bit unchanged."""
     L.seed_everything(0, verbose=False)
