@@ -46,6 +46,10 @@ ALGORITHMS = ("independent", "swarm", "mutual", "voting", "fedavg", "pofl")
 # still matches the plugin's schema by name is about that, and repeats in every job.
 warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/joblib' is validated against ConfigStore schema",
                         category=UserWarning)
+# Lightning's own pytree helper (lightning/pytorch/utilities/_pytree.py) builds torch's LeafSpec, which the
+# torch installed here deprecates with a FutureWarning: printed in every run's training and test stages, and
+# nothing a run can act on.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
 class ConfigError(ValueError):

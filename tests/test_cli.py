@@ -324,6 +324,7 @@ def test_default_run_reports_results(cli_run):
     assert (run / "logs" / "version_0" / "metrics.csv").is_file()
     assert (run / "plots" / "predictions.png").is_file()
     assert not (tmp / "outputs").exists()  # hydra.run.dir was honoured
+    assert "deprecated" not in proc.stderr, proc.stderr  # no deprecation notices from the libraries underneath
 
 
 def test_mutual_learning_on_the_heterogeneous_cohort(make_cfg, tmp_path):
