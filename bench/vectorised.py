@@ -94,6 +94,7 @@ from lightning_colearn.optim import StackedOptimizer
 MODELS = {"lr": LogisticRegression, "mlp": MLP, "convnet": ConvNet, "colearn": ColearnConvNet}
 TARGETS = {"lr": 4.0, "mlp": 1.5, "convnet": 1.0, "colearn": 1.0}
 BATCH, LR, TARGET_N = 64, 0.01, 12
+MEMORY_KINDS = ("rss", "anon")  # the whole resident set and its anonymous part (see _memory_kib)
 
 
 #: Fashion-MNIST's 60,000 training images when the Debian package is installed: with the embedded 4,000
@@ -305,7 +306,7 @@ def measure_memory(model: str, n: int, side: str, steps: int) -> dict[str, float
         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD)},
     ).stdout.strip().splitlines()[-1]
     sample = json.loads(out)
-    return {key: (sample["peak"][key] - sample["base"][key]) / 1024 for key in ("rss", "anon")}
+    return {key: (sample["peak"][key] - sample["base"][key]) / 1024 for key in MEMORY_KINDS}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
         previous: tuple[int, dict[str, dict[str, float]]] | None = None  # (N, total MiB per side) of the previous size
         for n in args.sizes:
             steps = args.steps or (3 if args.quick else max(10, min(200, 60_000 // (n * BATCH) // (40 if model == "convnet" else 1))))
-            times: dict[str, list[float]] = {"plain": [], "loop": [], "stacked": []}
+            times: dict[str, list[float]] = {side: [] for side in sides}
             for _ in range(args.repeats):
                 times["plain"].append(run_plain(model, n, args.warmup, steps))
                 times["loop"].append(run_trainer(model, n, "loop", args.warmup, steps))
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
                 total = {side: measure_memory(model, n, side, 3 if args.quick else 10) for side in sides}
                 marginal = None
                 if previous is not None and n > previous[0]:
-                    marginal = {side: {k: (total[side][k] - previous[1][side][k]) / (n - previous[0]) for k in ("rss", "anon")}
+                    marginal = {side: {k: (total[side][k] - previous[1][side][k]) / (n - previous[0]) for k in MEMORY_KINDS}
                                 for side in sides}
                 previous = (n, total)
                 memory_rows.append((model, n, total, marginal))
@@ -375,8 +376,8 @@ def main(argv: list[str] | None = None) -> None:
         print("\nMiB per member: total / N, and marginal (slope from the previous N); plain / loop / stacked")
         print(f"{'model':8} {'N':>3} {'RSS / N':>20} {'anonymous / N':>20} {'marginal RSS':>20} {'marginal anonymous':>20}")
         for model, n, total, marginal in memory_rows:
-            cells = [" / ".join(f"{total[side][k] / n:.2f}" for side in sides) for k in ("rss", "anon")]
-            cells += [" / ".join(f"{marginal[side][k]:.2f}" for side in sides) if marginal else "-" for k in ("rss", "anon")]
+            cells = [" / ".join(f"{total[side][k] / n:.2f}" for side in sides) for k in MEMORY_KINDS]
+            cells += [" / ".join(f"{marginal[side][k]:.2f}" for side in sides) if marginal else "-" for k in MEMORY_KINDS]
             print(f"{model:8} {n:>3} " + " ".join(f"{c:>20}" for c in cells), flush=True)
     for v in verdicts:
         print("target:", v)

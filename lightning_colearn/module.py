@@ -209,8 +209,8 @@ class CohortModule(L.LightningModule):
     def _member_logits(self, batch: Any, members: list[int]) -> tuple[dict[int, tuple[Tensor, Tensor]], Tensor | None]:
         """``{member: (logits, y)}`` through the stacked forward (one call per group of same-shaped batches),
         and the stacked logits ``[n, B, ...]`` when one call served every member (else None)."""
-        # every member in order: no member list for the cohort to check index by index on each step
-        every = None if len(members) == self.size and members == list(range(self.size)) else members
+        # members come validated (_active); every member in order needs no list for the cohort to check again
+        every = None if members == list(range(self.size)) else members
         if not (isinstance(batch, Mapping) and all(isinstance(k, int) for k in batch)):
             x, y = batch
             out = self.cohort.stacked_forward(x, every)
