@@ -57,17 +57,16 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import os
 import statistics
 import time
-import warnings
 from functools import partial
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 
+from common import quiet_lightning  # bench/common.py (scripts run from bench/)
 from lightning_colearn import CohortDataModule, CohortModule
 from lightning_colearn.models import ConvNet
 
@@ -202,13 +201,6 @@ def run_reference(n: int, warmup: int, steps: int, seed: int) -> float:
     return time.perf_counter() - t0
 
 
-def _quiet_lightning() -> None:
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-
-
 def _measure_pair(n: int, args: argparse.Namespace, seed: int) -> dict:
     """One interleaved pair: ours, then the reference, each with fresh models."""
     with _ForeignLoad() as load_ours:
@@ -245,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--steps, --warmup, --repeats and --sizes must be >= 1, --retries >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    _quiet_lightning()
+    quiet_lightning()
 
     print(
         f"torch {torch.__version__}, lightning {L.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, "

@@ -1,8 +1,10 @@
-"""Shared pieces of the benchmarks: a training-loop timer and the plain PyTorch reference loop."""
+"""Shared pieces of the benchmarks: a training-loop timer, the plain PyTorch reference loop, and quiet output."""
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -35,3 +37,11 @@ def plain_loop(models: Sequence[nn.Module], dm, steps: int, lr: float) -> float:
             if done == steps:
                 break
     return time.perf_counter() - start
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's per-fit notices ("GPU available", tips, few-workers warnings) out of the printed tables."""
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")

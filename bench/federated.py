@@ -50,7 +50,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from common import FitTimer  # bench/common.py (scripts run from bench/)
+from common import FitTimer, quiet_lightning  # bench/common.py (scripts run from bench/)
 from lightning_colearn import CohortDataModule, CohortModule, FederatedAveraging, ProofOfLearning
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST
 from lightning_colearn.models import MLP
@@ -131,6 +131,7 @@ def main() -> None:
     parser.add_argument("--datasets", nargs="+", choices=list(ROUNDS), default=list(ROUNDS),
                         help="data sets to run (Fashion-MNIST only if its Debian package is installed)")
     args = parser.parse_args()
+    quiet_lightning()
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
     installed = (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists()

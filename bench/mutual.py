@@ -22,7 +22,7 @@ from functools import partial
 import lightning as L
 import torch
 
-from common import FitTimer, plain_loop  # bench/common.py (scripts run from bench/)
+from common import FitTimer, quiet_lightning, plain_loop  # bench/common.py (scripts run from bench/)
 from lightning_colearn import CohortDataModule, CohortModule, MutualLearning
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST
 from lightning_colearn.models import MLP, ConvNet
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--fashion-samples", type=int, default=12000)
     args = parser.parse_args()
+    quiet_lightning()
     sets = [("mnist_small", {})]
     if (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists():
         sets.append(("fashion_mnist", {"max_train_samples": args.fashion_samples}))

@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from common import quiet_lightning  # bench/common.py (scripts run from bench/)
 from lightning_colearn import CohortDataModule, CohortModule, ParticleSwarm
 from lightning_colearn import distributed as D
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="timed rounds (16 steps each) after one warm-up round")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # set for the torchrun processes
     args = parser.parse_args()
+    quiet_lightning()
     dataset = "fashion_mnist" if (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file() else "mnist_small"
     if args.worker is not None:
         result = run(2, args.rounds, dataset)

@@ -25,7 +25,7 @@ from functools import partial
 import lightning as L
 import torch
 
-from common import FitTimer, plain_loop  # bench/common.py (scripts run from bench/)
+from common import FitTimer, quiet_lightning, plain_loop  # bench/common.py (scripts run from bench/)
 from lightning_colearn import CohortDataModule, CohortModule, ParticleSwarm
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST
 from lightning_colearn.models import ConvNet
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved timing repeats (median)")
     args = parser.parse_args()
+    quiet_lightning()
     datasets = ["mnist_small"] + (["fashion_mnist"] if (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists() else [])
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {SIZE} ConvNets, batch {BATCH}, {args.steps} steps")
     rows = []

@@ -83,7 +83,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from cohort_throughput import _batches, _quiet_lightning, _StepTimer
+from cohort_throughput import _batches, _StepTimer
+from common import quiet_lightning  # bench/common.py (scripts run from bench/)
 from lightning_colearn import CohortDataModule, CohortModule
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST
 from lightning_colearn import Cohort
@@ -282,7 +283,7 @@ def _memory_kib() -> dict[str, int]:
 
 def memory_child(model: str, n: int, side: str, steps: int) -> None:
     """In a fresh process: RSS and anonymous RSS before building the models, and their peaks after a few steps (KiB, JSON)."""
-    _quiet_lightning()
+    quiet_lightning()
     dm = make_datamodule(n)
     dm.setup("fit")  # data loaded (and kept: the run reuses it) and torch warmed up before the baseline
     torch.zeros(1).requires_grad_().sum().backward()
@@ -326,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
         return memory_child(model, int(n), side, args.steps or 10)
     if args.quick:
         args.sizes, args.repeats, args.warmup = [1, 4], 1, 2
-    _quiet_lightning()
+    quiet_lightning()
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; data {DATA}; batch {BATCH} per member, SGD lr {LR}; "
           f"member-samples/s, median of {args.repeats}")

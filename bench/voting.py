@@ -34,7 +34,7 @@ import lightning as L
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
-from common import FitTimer  # bench/common.py (scripts run from bench/)
+from common import FitTimer, quiet_lightning  # bench/common.py (scripts run from bench/)
 from lightning_colearn import CohortDataModule, CohortModule, CollectiveVoting
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST
 from lightning_colearn.models import ColearnConvNet
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="voting rounds (epochs)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
+    quiet_lightning()
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     alone_epochs = max(1, round(args.rounds / SIZE))  # each learner proposes rounds / SIZE times, one pass each
