@@ -1,0 +1,52 @@
+"""The benchmark scripts still run: every one imports, and the two that measure open targets run a tiny case.
+
+The scripts live outside the package (``bench/``, run as ``python bench/<name>.py``) and
+import each other through ``bench/common.py``, so nothing else would notice an import or
+API change that breaks them. They run in subprocesses, as a user runs them.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if p.stem != "common")
+
+
+def _run(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, *args], cwd=BENCH, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_every_bench_script_imports_and_has_a_main():
+    code = "import importlib\n" + "".join(
+        f"assert callable(importlib.import_module({name!r}).main), {name!r}\n" for name in SCRIPTS
+    )
+    result = _run(["-c", code])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {"federated", "vectorised", "cohort_throughput"} <= set(SCRIPTS)
+
+
+@pytest.mark.slow
+def test_federated_bench_prints_the_pofl_share_and_its_forward_floor():
+    result = _run(["federated.py", "--rounds", "2", "--datasets", "mnist_small"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| 0 |")]
+    assert [row.split(" | ")[1] for row in rows] == ["FedAvg", "FedAvg", "PoFL"]
+    assert "target < 20 %; forward floor" in rows[-1]
+    assert "GPU available" not in result.stdout  # Lightning's notices stay out of the table
+
+
+@pytest.mark.slow
+def test_vectorised_bench_prints_its_ratios():
+    result = _run(["vectorised.py", "--models", "lr", "--sizes", "2", "--repeats", "1", "--steps", "2", "--warmup", "1",
+                   "--no-memory", "--no-floor"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    row = next(line for line in result.stdout.splitlines() if line.startswith("lr ") and line.split()[1] == "2")
+    ratios = [float(v) for v in row.split()[-3:]]  # loop/plain, stacked/plain, stacked/loop
+    assert all(r > 0 for r in ratios)
