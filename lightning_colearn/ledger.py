@@ -205,8 +205,19 @@ def weights_to_bytes(state: Mapping[str, Tensor]) -> bytes:
     for name, value in state.items():
         if not isinstance(name, str) or not isinstance(value, Tensor):
             raise LedgerError(f"weights must map str -> Tensor, got {name!r} -> {type(value).__name__}")
+    bad = _non_finite(state)
+    if bad:
+        raise LedgerError(f"weights {bad!r} hold NaN or inf values; a block's model must be finite")
     # clone: tied/shared tensors would make safetensors refuse the dict
     return save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()})
+
+
+def _non_finite(state: Mapping[str, Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` with a NaN or inf, or None."""
+    for name, value in state.items():
+        if (value.is_floating_point() or value.is_complex()) and not bool(value.isfinite().all()):
+            return name
+    return None
 
 
 def weights_from_bytes(data: bytes) -> dict[str, Tensor]:
@@ -230,6 +241,8 @@ class VerifyReport:
 
     ``blocks`` counts the blocks verified from genesis (on failure, the ones
     before ``first_bad``); ``reason`` says what is wrong with ``first_bad``.
+    A damaged database file (e.g. truncated) fails with ``first_bad=None``:
+    SQLite's own check already fails, before any block is read.
     """
 
     ok: bool
@@ -243,6 +256,8 @@ class VerifyReport:
     def __str__(self) -> str:
         if self.ok:
             return f"OK: {self.blocks} block{'' if self.blocks == 1 else 's'} verified"
+        if self.first_bad is None:  # the file itself is damaged: no block can be named
+            return self.reason
         return f"block {self.first_bad}: {self.reason}"
 
 
@@ -261,6 +276,9 @@ class Ledger:
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self._sound: tuple[int, str] | None = None  # (blocks, head hash) of the chain last verified here
+        if self.path.is_dir():
+            raise LedgerError(f"{self.path} is a directory; a ledger is one SQLite file (e.g. {self.path / 'ledger.db'})")
         if readonly and not self.path.is_file():
             raise LedgerError(f"no ledger at {self.path}: the file does not exist")
         if not readonly:
@@ -306,10 +324,18 @@ class Ledger:
         rows = self._conn.execute(f"SELECT {_HEADER} FROM blocks ORDER BY idx").fetchall()
         return (_to_block(row) for row in rows)
 
+    def listing(self) -> list[Block]:
+        """Every stored block header in index order, for display: a row whose scores are not valid JSON keeps
+        them as text instead of raising (:meth:`verify` says what is wrong with it)."""
+        rows = self._conn.execute(f"SELECT {_HEADER} FROM blocks ORDER BY idx").fetchall()
+        return [_to_block(row, strict=False) for row in rows]
+
     def block(self, index: int) -> Block:
         """Block ``index`` (negative counts from the end, as for a list)."""
+        if not _is_int(index):
+            raise TypeError(f"block index must be an int, got {index!r}")
         n = len(self)
-        if not _is_int(index) or not -n <= index < n:
+        if not -n <= index < n:
             raise IndexError(f"block index {index!r} out of range: the ledger has {n} blocks (valid: 0..{n - 1})")
         index += n if index < 0 else 0
         row = self._conn.execute(f"SELECT {_HEADER} FROM blocks WHERE idx=?", (index,)).fetchone()
@@ -349,7 +375,8 @@ class Ledger:
         weights: Mapping[str, Tensor] | bytes,
         time: float | None = None,
     ) -> tuple[Block, bytes]:
-        """Build the next block and its weights bytes, without storing anything."""
+        """Build the next block and its weights bytes, without storing anything (on a chain that passes :meth:`check_chain`)."""
+        self.check_chain()
         data = bytes(weights) if isinstance(weights, (bytes, bytearray, memoryview)) else weights_to_bytes(weights)
         index = len(self)
         block = Block.create(
@@ -368,6 +395,8 @@ class Ledger:
         ``weights``, name a winner that has a score and, if ``rescore`` is
         given, its weights must score ``block.winner_score`` within ``tol``.
         """
+        if not isinstance(block, Block):
+            raise BlockRefused(f"expected a Block (from Ledger.propose), got {type(block).__name__}")
         n, last = len(self), self.last
         if last is not None and last.index != n - 1:
             raise LedgerError(f"block {block.index}: the ledger holds {n} blocks but the last is {last.index}; run verify")
@@ -381,11 +410,14 @@ class Ledger:
         A refused block raises :class:`BlockRefused`; a block that could not be
         stored raises :class:`LedgerError`. Either way nothing is written.
         """
+        if not isinstance(block, Block):
+            raise BlockRefused(f"expected a Block (from Ledger.propose), got {type(block).__name__}")
         if self.readonly:
             raise LedgerError(f"block {block.index}: {self.path} is open read-only")
         try:
             with self._conn:  # BEGIN IMMEDIATE: nobody appends between our check and our insert
                 self._conn.execute("BEGIN IMMEDIATE")
+                self.check_chain()
                 self.validate(block, weights, rescore, tol)
                 self._conn.execute(
                     f"INSERT INTO blocks ({', '.join(_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -394,7 +426,31 @@ class Ledger:
                 )
         except sqlite3.Error as err:
             raise LedgerError(f"block {block.index}: could not be stored in {self.path}: {err}") from err
+        self._sound = (block.index + 1, block.hash)
         return block
+
+    def check_chain(self) -> None:
+        """Raise :class:`LedgerError` if the stored chain fails :meth:`verify` (without re-scoring).
+
+        :meth:`commit` calls it first: a block appended to a tampered or damaged
+        chain would link to a head that no longer proves anything. The full
+        check runs once per connection, and again when the head is not the one
+        this connection checked or appended, or no longer hashes to its stored
+        hash (another writer changed it); otherwise only the head's hash is
+        recomputed, so appending stays cheap on a long chain.
+        """
+        try:
+            last = self.last
+            head = (0, GENESIS_HASH) if last is None else (last.index + 1, last.hash)
+            if head == self._sound and (last is None or last.compute_hash() == last.hash):
+                return
+        except (LedgerError, sqlite3.DatabaseError):
+            head = None
+        report = self.verify()
+        if not report:
+            raise LedgerError(f"{self.path} fails verification ({report}); a broken chain is not extended: "
+                              "restore the file from a copy or start a new ledger")
+        self._sound = head
 
     def append(
         self,
@@ -412,6 +468,12 @@ class Ledger:
     # ------------------------------------------------------------- auditing
     def verify(self, rescore: Rescore | None = None, tol: float = 1e-6) -> VerifyReport:
         """Recompute the chain from genesis: indices, links, hashes, digests and (optionally) the winning scores."""
+        # a truncated or overwritten file can still open; its rows then read as garbage, which would be
+        # blamed on one block: SQLite's page-level check says what happened
+        damage = [line for r in self._conn.execute("PRAGMA quick_check(3)") for line in r[0].splitlines()]
+        if damage != ["ok"]:
+            found = "; ".join(line for line in damage if not line.startswith("***"))
+            return VerifyReport(False, 0, None, f"the database file is damaged (SQLite quick_check: {found})")
         prev, count = GENESIS_HASH, 0
         for row in self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM blocks ORDER BY idx"):
             if row[0] != count:
@@ -440,6 +502,8 @@ class Ledger:
 
 
 def _as_scores(index: int, scores: Sequence[float | None]) -> list[float | None]:
+    if isinstance(scores, (str, bytes)) or not isinstance(scores, Sequence):
+        raise LedgerError(f"block {index}: scores must be a list of numbers or None (one per miner), got {_shorten(scores)}")
     out: list[float | None] = []
     for i, s in enumerate(scores):
         if s is None:
@@ -454,13 +518,21 @@ def _as_scores(index: int, scores: Sequence[float | None]) -> list[float | None]
     return out
 
 
-def _to_block(row: tuple) -> Block:
+def _to_block(row: tuple, strict: bool = True) -> Block:
     index = row[0]
     try:
         scores = json.loads(row[4])
-    except (TypeError, ValueError):
-        raise LedgerError(f"block {index}: scores are not valid JSON: {row[4]!r}") from None
+    except (TypeError, ValueError, RecursionError):  # RecursionError: a crafted, deeply nested cell
+        if not strict:
+            scores = row[4]
+        else:
+            raise LedgerError(f"block {index}: scores are not valid JSON: {_shorten(row[4])}") from None
     return Block(index, row[1], row[2], row[3], scores, row[5], row[6], row[7])
+
+
+def _shorten(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _block_problem(
@@ -487,6 +559,9 @@ def _block_problem(
         state = weights_from_bytes(weights)
     except LedgerError as err:
         return str(err)
+    bad = _non_finite(state)
+    if bad:
+        return f"weights {bad!r} hold NaN or inf values"
     if rescore is not None:
         if not (isinstance(tol, (int, float)) and tol >= 0):
             raise ValueError(f"tol must be a number >= 0, got {tol!r}")

@@ -39,7 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report = ledger.verify()
                 print(report)
                 return 0 if report else 1
-            _show(list(ledger))
+            _show(ledger.listing())
             return 0
     except LedgerError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

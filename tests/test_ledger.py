@@ -311,3 +311,100 @@ def test_installed_script(path: Path) -> None:
     assert script.exists(), f"{script} is missing: run `pip install -e .`"
     done = subprocess.run([str(script), "verify", str(path)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "OK: 4 blocks verified", done.stderr
+
+
+# ----------------------------------------------------------------- broken chains are not extended
+def test_a_tampered_chain_is_not_extended(path: Path) -> None:
+    _change_score(path)  # block 2
+    before = _file_digest(path)
+    with Ledger(path) as ledger:
+        with pytest.raises(LedgerError, match=r"fails verification \(block 2: hash does not match.*not extended"):
+            _append(ledger, 4)
+        assert len(ledger) == 4
+    assert _file_digest(path) == before
+
+
+def test_a_chain_checked_once_per_connection_still_sees_a_foreign_change(path: Path) -> None:
+    with Ledger(path) as ledger:
+        _append(ledger, 4)  # checks the chain once...
+        _append(ledger, 5)  # ...then extends what it checked
+        _sql(path, "UPDATE blocks SET winner = 0 WHERE idx = 5")  # another writer changes the head
+        with pytest.raises(LedgerError, match=r"block 5: hash does not match"):
+            _append(ledger, 6)
+        assert len(ledger) == 6
+
+
+def _truncated(path: Path, tmp_path: Path) -> Path:
+    """A copy of ``path`` cut inside its last page, as a crash of the file system (not of SQLite) leaves it."""
+    data = path.read_bytes()
+    page = int.from_bytes(data[16:18], "big")  # the page size, from the SQLite header
+    cut = tmp_path / "cut.db"
+    cut.write_bytes(data[: len(data) - page + 200])
+    return cut
+
+
+def test_a_truncated_file_is_reported_as_damaged_and_not_extended(path: Path, tmp_path: Path, capsys) -> None:
+    cut = _truncated(path, tmp_path)
+    before = _file_digest(cut)
+    with Ledger(cut, readonly=True) as ledger:
+        report = ledger.verify()
+    assert not report and report.first_bad is None and report.blocks == 0
+    assert str(report).startswith("the database file is damaged (SQLite quick_check: ")
+    assert "\n" not in str(report)
+    assert ledger_cli.main(["verify", str(cut)]) == 1
+    assert "damaged" in capsys.readouterr().out
+    with Ledger(cut) as ledger, pytest.raises(LedgerError, match="damaged.*not extended"):
+        _append(ledger, 4)
+    assert _file_digest(cut) == before
+
+
+def test_non_finite_weights_are_refused(path: Path) -> None:
+    before = _file_digest(path)
+    nan = {**_state(4), "w": torch.full((3, 2), float("nan"))}
+    with Ledger(path) as ledger:
+        with pytest.raises(LedgerError, match=r"weights 'w' hold NaN or inf values"):
+            ledger.append(4, winner=0, scores=[0.5], weights=nan)
+        # a forged block whose bytes and digest agree but hold inf: the validators refuse it
+        data = weights_to_bytes(_state(4))
+        forged = weights_from_bytes(data)
+        forged["b"][0] = float("inf")
+        from safetensors.torch import save
+
+        bad = save(forged)
+        block, _ = ledger.propose(4, winner=0, scores=[0.5], weights=_state(4))
+        block = Block.create(**{**{k: getattr(block, k) for k in ("index", "prev_hash", "round", "winner", "scores", "time")},
+                                "digest": digest(bad)})
+        with pytest.raises(BlockRefused, match=r"block 4: weights 'b' hold NaN or inf values"):
+            ledger.commit(block, bad)
+        assert len(ledger) == 4
+    assert _file_digest(path) == before
+
+
+def test_a_crafted_scores_cell_is_a_verify_failure_not_a_crash(path: Path, capsys) -> None:
+    _sql(path, "UPDATE blocks SET scores = ? WHERE idx = 1", "[" * 100_000)
+    with Ledger(path, readonly=True) as ledger:
+        report = ledger.verify()
+        assert not report and report.first_bad == 1 and report.reason.startswith("scores are not valid JSON: '[[[[")
+        assert "(100002 characters)" in report.reason  # shortened, not 100,000 brackets
+    assert ledger_cli.main(["verify", str(path)]) == 1
+    assert capsys.readouterr().out.startswith("block 1: scores are not valid JSON")
+    # show still lists every row; the bad one has no winner score
+    assert ledger_cli.main(["show", str(path)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines[1:]] == ["0", "1", "2", "3"]
+    assert lines[2].split()[3] == "-" and lines[1].split()[3] != "-"
+
+
+def test_bad_arguments_name_what_is_wrong(path: Path, tmp_path: Path, capsys) -> None:
+    with Ledger(path) as ledger:
+        for index in (1.0, True, "1", None):
+            with pytest.raises(TypeError, match=rf"block index must be an int, got {re.escape(repr(index))}"):
+                ledger.load(index)
+        with pytest.raises(BlockRefused, match="expected a Block \\(from Ledger.propose\\), got str"):
+            ledger.commit("x", b"")
+        with pytest.raises(LedgerError, match=r"block 4: scores must be a list of numbers or None .*got None"):
+            ledger.append(4, winner=0, scores=None, weights=_state(4))
+    with pytest.raises(LedgerError, match=rf"{re.escape(str(tmp_path))} is a directory"):
+        Ledger(tmp_path, readonly=True)
+    assert ledger_cli.main(["verify", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

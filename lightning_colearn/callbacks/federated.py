@@ -22,6 +22,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -65,8 +66,8 @@ class FederatedAveraging(ClientRounds):
         errors = []
         if aggregator not in AGGREGATORS:
             errors.append(f"aggregator must be one of {list(AGGREGATORS)}, got {aggregator!r}")
-        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0:
-            errors.append(f"mu must be a number >= 0, got {mu!r}")
+        if isinstance(mu, bool) or not isinstance(mu, (int, float)) or not 0 <= mu < math.inf:
+            errors.append(f"mu must be a finite number >= 0, got {mu!r}")
         if isinstance(trim_ratio, bool) or not isinstance(trim_ratio, (int, float)) or not 0 <= trim_ratio < 0.5:
             errors.append(f"trim_ratio must be in [0, 0.5), got {trim_ratio!r}")
         if isinstance(num_byzantine, bool) or not isinstance(num_byzantine, int) or num_byzantine < 0:

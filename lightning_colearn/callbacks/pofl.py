@@ -35,11 +35,11 @@ Example::
 from __future__ import annotations
 
 import copy
+import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import math
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
@@ -102,10 +102,15 @@ class ProofOfLearning(ClientRounds):
             errors.append(f"trim_ratio must be in [0, 0.5), got {trim_ratio!r}")
         if ledger is not None and not isinstance(ledger, (str, Path, Ledger)):
             errors.append(f"ledger must be a path, a Ledger or None, got {type(ledger).__name__}")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+            errors.append(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+        if assignment is not None and (isinstance(assignment, (str, bytes)) or not isinstance(assignment, Sequence)
+                                       or not all(is_int_at_least(m, 0) for m in assignment)):
+            errors.append(f"assignment must be a list with one miner index (an int >= 0) per client, got {assignment!r}")
         if errors:
             raise ValueError("ProofOfLearning: " + "; ".join(errors))
         super().__init__(clients_per_round, local_epochs, **kwargs)
-        self.miners, self.threshold, self.aggregator, self.tolerance = miners, float(threshold), aggregator, tolerance
+        self.miners, self.threshold, self.aggregator, self.tolerance = miners, float(threshold), aggregator, float(tolerance)
         self.trim_ratio = float(trim_ratio)
         self.assignment = None if assignment is None else [int(m) for m in assignment]
         self._ledger_spec = ledger
@@ -152,6 +157,11 @@ class ProofOfLearning(ClientRounds):
             if len(self.ledger) < known:
                 problem = (f"the ledger at {self.ledger.path} holds {len(self.ledger)} blocks but this run's checkpoint "
                            f"knows {known}: blocks were removed; restore the ledger file or start a new run")
+            else:  # before any training: a tampered or damaged chain is not extended (nor trained for)
+                try:
+                    self.ledger.check_chain()
+                except LedgerError as err:
+                    problem = f"ProofOfLearning: {err}"
         self._ledger_base, problem = pl_module.decide((self._ledger_base, problem))
         if problem is not None:  # on every rank, so none waits for the others
             raise LedgerError(problem)

@@ -89,11 +89,12 @@ class ClientRounds(PicklableGenerator, Callback):
     ) -> None:
         errors = self._check_arguments(
             clients_per_round=clients_per_round, local_epochs=local_epochs, max_rounds=max_rounds,
-            target=target, criterion=criterion, eval_batches=eval_batches,
+            target=target, criterion=criterion, eval_batches=eval_batches, maximize=maximize, seed=seed,
+            stop_at_target=stop_at_target, reset_client_optimizer=reset_client_optimizer, eval_dataloader=eval_dataloader,
         )
         if errors:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(errors))
-        self.maximize = higher_is_better(criterion, maximize) if criterion is not None else (True if maximize is None else bool(maximize))
+        self.maximize = higher_is_better(criterion, maximize) if criterion is not None else (True if maximize is None else maximize)
         self.clients_per_round, self.local_epochs, self.max_rounds = clients_per_round, local_epochs, max_rounds
         self.target, self.stop_at_target, self.criterion = target, stop_at_target, criterion
         self.eval_dataloader, self.eval_batches = eval_dataloader, eval_batches
@@ -126,6 +127,17 @@ class ClientRounds(PicklableGenerator, Callback):
             errors.append(f"criterion must be a torchmetrics.Metric, got {type(kw['criterion']).__name__}")
         if kw["eval_batches"] is not None and not is_int_at_least(kw["eval_batches"], 1):
             errors.append(f"eval_batches must be an int >= 1 or None, got {kw['eval_batches']!r}")
+        if kw["maximize"] is not None and not isinstance(kw["maximize"], bool):
+            errors.append(f"maximize must be True, False or None (the criterion's own direction), got {kw['maximize']!r}")
+        for flag in ("stop_at_target", "reset_client_optimizer"):
+            if not isinstance(kw[flag], bool):
+                errors.append(f"{flag} must be True or False, got {kw[flag]!r}")
+        if not is_int_at_least(kw["seed"], 0):  # Lightning's seed_everything range starts at 0 too
+            errors.append(f"seed must be an int >= 0, got {kw['seed']!r}")
+        loader = kw["eval_dataloader"]
+        if loader is not None and (isinstance(loader, (str, bytes)) or not hasattr(loader, "__iter__")):
+            errors.append(f"eval_dataloader must be an iterable of (x, y) batches (e.g. a DataLoader) or None, "
+                          f"got {type(loader).__name__}")
         return errors
 
     @property

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import re
+import sqlite3
 from functools import partial
 
 import lightning as L
@@ -150,7 +153,14 @@ def test_fedavg_resumed_mid_round_equals_uninterrupted_run(tmp_path):
         (dict(clients_per_round=0), "clients_per_round must be an int >= 1"),
         (dict(local_epochs=0), "local_epochs must be an int >= 1, got 0"),
         (dict(aggregator="mean"), "aggregator must be one of ['fedavg', 'median', 'trimmed_mean', 'krum', 'multi_krum'], got 'mean'"),
-        (dict(mu=-1.0), "mu must be a number >= 0, got -1.0"),
+        (dict(mu=-1.0), "mu must be a finite number >= 0, got -1.0"),
+        (dict(mu=math.inf), "mu must be a finite number >= 0, got inf"),
+        (dict(seed="a"), "seed must be an int >= 0, got 'a'"),
+        (dict(seed=1.5), "seed must be an int >= 0, got 1.5"),
+        (dict(maximize="no"), "maximize must be True, False or None (the criterion's own direction), got 'no'"),
+        (dict(reset_client_optimizer="no"), "reset_client_optimizer must be True or False, got 'no'"),
+        (dict(stop_at_target=1), "stop_at_target must be True or False, got 1"),
+        (dict(eval_dataloader=3), "eval_dataloader must be an iterable of (x, y) batches (e.g. a DataLoader) or None, got int"),
         (dict(trim_ratio=0.5), "trim_ratio must be in [0, 0.5), got 0.5"),
         (dict(max_rounds=0), "max_rounds must be an int >= 1 or None, got 0"),
         (dict(target=math.nan), "target must be a finite number or None, got nan"),
@@ -280,6 +290,20 @@ def test_a_ledger_missing_blocks_the_checkpoint_knows_is_an_error(tmp_path):
         run(3, ckpt_path=str(tmp_path / "last.ckpt"))
 
 
+def test_pofl_does_not_train_on_a_tampered_ledger(tmp_path):
+    pofl_run(tmp_path, rounds=2)
+    path = tmp_path / "ledger.db"
+    con = sqlite3.connect(path)
+    with con:
+        con.execute("UPDATE blocks SET scores = ? WHERE idx = 0", ("[0.99, 0.1, 0.2]",))
+    con.close()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    with pytest.raises(LedgerError, match=r"ProofOfLearning: .*ledger.db fails verification \(block 0: hash does not match"
+                                          r".*a broken chain is not extended"):
+        pofl_run(tmp_path, rounds=2)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # nothing appended
+
+
 def test_pofl_argument_errors():
     with pytest.raises(ValueError, match="miners must be an int >= 1, got 0"):
         ProofOfLearning(miners=0)
@@ -289,6 +313,13 @@ def test_pofl_argument_errors():
         ProofOfLearning(aggregator="krum")
     with pytest.raises(ValueError, match="ledger must be a path, a Ledger or None, got int"):
         ProofOfLearning(ledger=3)
+    for tolerance in (math.nan, -1.0, "x", math.inf):
+        with pytest.raises(ValueError, match=rf"tolerance must be a finite number >= 0, got {re.escape(repr(tolerance))}"):
+            ProofOfLearning(tolerance=tolerance)
+    for assignment in ("01", [0.9, 1.7], 3, [0, -1]):
+        with pytest.raises(ValueError, match=r"assignment must be a list with one miner index \(an int >= 0\) per client, got "
+                                             + re.escape(repr(assignment))):
+            ProofOfLearning(miners=2, assignment=assignment)
     with pytest.raises(ValueError, match="assignment holds miner 5, miners are 0..2"):
         ProofOfLearning(miners=3, clients_per_round=2, assignment=[0, 5, 1]).check_module(CohortModule(LogisticRegression, size=3))
 
