@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import operator
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
@@ -133,14 +134,25 @@ class Cohort(nn.Module):
         :meth:`StackedModel.check`).
         """
         self._require_stacked("stacked_forward")
-        index = None
+        if not isinstance(x, Tensor):
+            raise TypeError(f"stacked_forward needs a Tensor, got {type(x).__name__}")
+        index, n = None, len(self)
         if members is not None:
             indices = self._indices(members)
+            n = len(indices)
             if indices != list(range(len(self))):  # every member in order: the stacked tensors themselves
                 index = torch.tensor(indices, device=x.device)
-        if not self.engine._checked:
-            self.engine.check(list(self.members), x if members is None or not per_member else x[:1].expand(len(self), *x.shape[1:]), per_member)
-        return self.engine(x, index=index, per_member=per_member)
+        if per_member and (x.dim() < 2 or x.shape[0] != n):
+            raise ValueError(f"stacked_forward(per_member=True) needs one batch per member, [{n}, B, ...], "
+                             f"got shape {tuple(x.shape)}")
+        try:
+            if not self.engine._checked:
+                self.engine.check(list(self.members), x if members is None or not per_member else x[:1].expand(len(self), *x.shape[1:]), per_member)
+            return self.engine(x, index=index, per_member=per_member)
+        except RuntimeError as err:  # torch's message names the batched kernels' shapes, not the member's input
+            what = f"[{n}, B, ...] (one batch per member)" if per_member else "[B, ...], what one member's forward takes"
+            raise RuntimeError(f"stacked forward of {n} members failed on an input of shape {tuple(x.shape)}; the input "
+                               f"must be {what}: {err}") from err
 
     def member_parameters(self, index: int) -> list[Tensor]:
         """Member ``index``'s parameters as differentiable tensors (stacked: views of the leaves' rows)."""
@@ -205,6 +217,12 @@ class Cohort(nn.Module):
     def _check_member_state(self, index: int, state: Mapping[str, Tensor], allow_nonfinite: bool) -> dict[str, Tensor]:
         member = self.members[self._check_index(index)]
         own = member.state_dict(keep_vars=True)
+        if not isinstance(state, Mapping):
+            raise TypeError(f"state for member {index} must be a mapping of name -> Tensor (a state_dict), "
+                            f"got {type(state).__name__}")
+        for name, tensor in state.items():
+            if not isinstance(tensor, Tensor):
+                raise TypeError(f"state for member {index}: {name!r} must be a torch.Tensor, got {type(tensor).__name__}")
         if set(own) != set(state):  # any key order (safetensors returns keys sorted)
             _raise_keys(index, own, state)
         for name, tensor in state.items():
@@ -352,14 +370,20 @@ class Cohort(nn.Module):
 
     # --------------------------------------------------------------- helpers
     def _check_index(self, index: int) -> int:
-        if not isinstance(index, int) or isinstance(index, bool) or not -len(self) <= index < len(self):
+        # any integer (Python, numpy, a 0-d integer tensor: operator.index), never a bool, a float or a string
+        integral = not isinstance(index, bool) and hasattr(type(index), "__index__")
+        try:
+            value = operator.index(index) if integral else None
+        except TypeError:  # e.g. a float tensor: __index__ exists but refuses
+            value = None
+        if value is None or not -len(self) <= value < len(self):
             raise IndexError(f"member index must be an int in [0, {len(self) - 1}], got {index!r}")
-        return index % len(self)
+        return value % len(self)
 
     def _indices(self, indices: Sequence[int] | None, default: Sequence[int] | None = None) -> list[int]:
         if indices is None:
             indices = range(len(self)) if default is None else default
-        indices = [self._check_index(int(i)) for i in indices]
+        indices = [self._check_index(i) for i in indices]
         if not indices:
             raise ValueError("expected at least one member index, got none")
         return indices

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
+from lightning_colearn._checks import is_int_at_least
 from lightning_colearn.functional import stacked as FS
 
 __all__ = ["STACKED_OPTIMIZERS", "CohortOptimizer", "StackedOptimizer"]
@@ -81,7 +82,8 @@ class CohortOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for i in range(len(self.optimizers)) if members is None else members:
+        picked = _stepped_members(members, len(self.optimizers))
+        for i in range(len(self.optimizers)) if picked is None else picked:
             self.optimizers[i].step()
         return loss
 
@@ -106,14 +108,14 @@ class CohortOptimizer(Optimizer):
 
     def member_state_dict(self, i: int) -> dict[str, Any]:
         """Member ``i``'s optimizer state (``torch.optim`` format)."""
-        return self.optimizers[i].state_dict()
+        return self.optimizers[_member_index(i, len(self.optimizers))].state_dict()
 
     def load_member_state_dict(self, i: int, state_dict: dict[str, Any]) -> None:
-        self.optimizers[i].load_state_dict(state_dict)
+        self.optimizers[_member_index(i, len(self.optimizers))].load_state_dict(state_dict)
 
     def reset_member(self, i: int) -> None:
         """Forget member ``i``'s optimizer state (momentum, Adam moments and step count), as a fresh optimizer."""
-        self.optimizers[i].state.clear()
+        self.optimizers[_member_index(i, len(self.optimizers))].state.clear()
 
     def __repr__(self) -> str:
         return f"CohortOptimizer({len(self.optimizers)} x {type(self.optimizers[0]).__name__})"
@@ -235,12 +237,13 @@ class StackedOptimizer(Optimizer):
         self._ensure_state()
         n = len(self.param_groups)
         device = self.stacked[0].device
-        rows = None if members is None or sorted(members) == list(range(n)) else torch.tensor(sorted(set(members)), device=device)
+        picked = _stepped_members(members, n)
+        rows = None if picked is None else torch.tensor(picked, device=device)
         take = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))  # noqa: E731
         params = [take(p.data) for p in self.stacked]
         grads = [take(p.grad) for p in self.stacked]
         state = {k: [take(t) for t in v] for k, v in self._state.items()}
-        picked = list(range(n)) if rows is None else rows.tolist()
+        picked = list(range(n)) if picked is None else picked
         lr, wd = self._per_member_tensors(picked, device)
         maximize = bool(self._shared("maximize"))
         if self.kind is torch.optim.SGD:
@@ -276,6 +279,7 @@ class StackedOptimizer(Optimizer):
     # ------------------------------------------------------------ member states
     def member_state_dict(self, i: int) -> dict[str, Any]:
         """Member ``i``'s state in ``torch.optim`` format (what its own optimizer's ``state_dict()`` would be)."""
+        i = _member_index(i, len(self.param_groups))
         state: dict[int, dict[str, torch.Tensor]] = {}
         started = bool(self._state) and (self.kind is not torch.optim.SGD and bool(self._state["step"][0][i] > 0)
                                          or self.kind is torch.optim.SGD and bool(self._has_buffer[i]))
@@ -290,6 +294,9 @@ class StackedOptimizer(Optimizer):
     @torch.no_grad()
     def load_member_state_dict(self, i: int, state_dict: dict[str, Any]) -> None:
         """Load a ``torch.optim`` state (e.g. a loop cohort member's) into member ``i``; all checked before written."""
+        i = _member_index(i, len(self.param_groups))
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"optimizer state of member {i} must be a torch.optim state dict, got {type(state_dict).__name__}")
         groups, state = state_dict.get("param_groups"), state_dict.get("state")
         if not isinstance(groups, list) or len(groups) != 1 or not isinstance(state, dict):
             raise ValueError(f"optimizer state of member {i} must hold one param group and a state dict, got {sorted(state_dict)}")
@@ -299,24 +306,47 @@ class StackedOptimizer(Optimizer):
         self._ensure_state()
         keys = set(self._state) - ({"step"} if self.kind is torch.optim.SGD else set())
         for idx, entry in state.items():
-            if not 0 <= int(idx) < k or set(entry) != keys:
-                raise ValueError(f"optimizer state of member {i}, parameter {idx}: expected keys {sorted(keys)}, got {sorted(entry)}")
+            # torch.optim keys parameters by int (str after a JSON round trip)
+            if not (is_int_at_least(idx, 0) or isinstance(idx, str) and idx.isdigit()) or int(idx) >= k:
+                raise ValueError(f"optimizer state of member {i}: parameter index {idx!r} is not one of 0..{k - 1}")
+            if not isinstance(entry, dict) or set(entry) != keys:
+                got = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+                raise ValueError(f"optimizer state of member {i}, parameter {idx}: expected keys {sorted(keys)}, got {got}")
             for key, value in entry.items():
                 want = self._state[key][int(idx)][i]
+                if not isinstance(value, torch.Tensor):
+                    raise ValueError(f"optimizer state of member {i}, parameter {idx}, {key!r}: expected a tensor, "
+                                     f"got {type(value).__name__}")
                 if key != "step" and tuple(value.shape) != tuple(want.shape):
                     raise ValueError(f"optimizer state of member {i}, parameter {idx}, {key!r}: shape {tuple(value.shape)}, expected {tuple(want.shape)}")
+                if value.is_floating_point() and not bool(value.isfinite().all()):
+                    raise ValueError(f"optimizer state of member {i}, parameter {idx}, {key!r} holds NaN or inf values")
         if state and len(state) != k:
             raise ValueError(f"optimizer state of member {i} covers {len(state)} of its {k} parameters")
+        group = self.param_groups[i]
+        before = dict(group)
+        group.update({key: v for key, v in groups[0].items() if key != "params"})
+        try:  # hyperparameters the stacked step shares must still agree across members
+            lr = group.get("lr")
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < float("inf"):
+                raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+            for name in group:
+                if name != "params" and name not in _PER_MEMBER and name in self.defaults:
+                    self._shared(name)
+        except ValueError as err:
+            group.clear()
+            group.update(before)
+            raise ValueError(f"optimizer state of member {i}: {err}") from None
         for key, tensors in self._state.items():
             for idx, t in enumerate(tensors):
                 entry = state.get(idx, state.get(str(idx)))
                 t[i] = entry[key].to(t.device, t.dtype) if entry is not None else 0
         if self.kind is torch.optim.SGD:
             self._has_buffer[i] = bool(state)
-        self.param_groups[i].update({key: v for key, v in groups[0].items() if key != "params"})
 
     def reset_member(self, i: int) -> None:
         """Forget member ``i``'s optimizer state (momentum, Adam moments and step count), as a fresh optimizer."""
+        i = _member_index(i, len(self.param_groups))
         for tensors in self._state.values():
             for t in tensors:
                 t[i] = 0
@@ -391,3 +421,21 @@ def _member_states(state_dict: Any, n: int) -> list[Any]:
     if len(members) != n:
         raise ValueError(f"optimizer state holds {len(members)} members but this cohort has {n}")
     return members
+
+
+def _member_index(i: Any, n: int) -> int:
+    """``i`` if it is a member index of an optimizer over ``n`` members, else a clear IndexError."""
+    if not is_int_at_least(i, 0) or i >= n:
+        raise IndexError(f"member index must be an int in [0, {n - 1}], got {i!r}")
+    return int(i)
+
+
+def _stepped_members(members: Sequence[int] | None, n: int) -> list[int] | None:
+    """The distinct members ``step(members=...)`` names, sorted; None for all of them (``None`` or every index)."""
+    if members is None:
+        return None
+    members = list(members)
+    if not members:
+        raise ValueError("step(members=...) needs at least one member index, got none (pass members=None for all)")
+    picked = sorted({_member_index(m, n) for m in members})
+    return None if picked == list(range(n)) else picked

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -479,3 +480,28 @@ def test_cohort_is_a_module_with_all_member_parameters():
     assert "members.1.bn.running_mean" in sd
     clone = copy.deepcopy(cohort)
     assert torch.equal(clone[1].fc.weight, cohort[1].fc.weight)
+
+
+def test_member_indices_are_integers_and_states_are_tensor_mappings():
+    import numpy as np
+
+    torch.manual_seed(0)
+    c = Cohort(lambda: nn.Linear(2, 1), size=3)
+    before = [m.weight.detach().clone() for m in c]
+    for bad in ([0, 1.7], [True, False], ["0", "2"]):
+        with pytest.raises(IndexError, match=r"member index must be an int in \[0, 2\], got "):
+            c.average(members=bad)
+    assert all(torch.equal(b, m.weight) for b, m in zip(before, c))  # nothing averaged
+    c.average(members=[np.int64(0), torch.tensor(2)])  # numpy and 0-d tensor integers are indices
+    assert torch.equal(c[0].weight, c[2].weight)
+    state = c.member_state(0)
+    c.load_member_state(np.int64(1), state)
+    assert torch.equal(c[1].weight, c[0].weight)
+    for bad, message in (
+        ([state["weight"], state["bias"]], "must be a mapping of name -> Tensor (a state_dict), got list"),
+        (None, "must be a mapping of name -> Tensor (a state_dict), got NoneType"),
+        ({"weight": np.ones((1, 2), np.float32), "bias": np.ones(1, np.float32)}, "'weight' must be a torch.Tensor, got ndarray"),
+        ({"weight": [[1.0, 1.0]], "bias": [1.0]}, "'weight' must be a torch.Tensor, got list"),
+    ):
+        with pytest.raises(TypeError, match=rf"state for member 2.*{re.escape(message)}"):
+            c.load_member_state(2, bad)

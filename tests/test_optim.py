@@ -201,3 +201,17 @@ def test_empty_or_non_optimizer_members_raise():
 def test_repr():
     models = _models()
     assert repr(CohortOptimizer([torch.optim.SGD(m.parameters(), lr=0.1) for m in models])) == "CohortOptimizer(2 x SGD)"
+
+
+def test_cohort_optimizer_member_indices_are_checked():
+    models = _models()
+    opt = CohortOptimizer(_make_opts(models))
+    n = len(models)
+    for members in ([n], [-1], [True]):
+        with pytest.raises(IndexError, match=rf"member index must be an int in \[0, {n - 1}\], got {members[0]!r}"):
+            opt.step(members=members)
+    with pytest.raises(ValueError, match="needs at least one member index, got none"):
+        opt.step(members=[])
+    for call in (lambda: opt.member_state_dict(n), lambda: opt.reset_member(-1), lambda: opt.load_member_state_dict(1.0, {})):
+        with pytest.raises(IndexError, match="member index must be an int"):
+            call()

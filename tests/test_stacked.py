@@ -544,3 +544,67 @@ def test_lightning_members_refused_and_auto_falls_back():
     assert CohortModule(MLP, size=8, backend="auto", optimizer=partial(torch.optim.RMSprop, lr=0.1)).cohort.backend == "loop"
     assert choose_backend(Cohort([m for _ in range(4) for m in (MLP(), LogisticRegression())]), partial(torch.optim.SGD, lr=0.1), False) == "loop"
     assert choose_backend(Cohort(Odd, size=8), partial(torch.optim.SGD, lr=0.1), False) == "loop"  # vmap only: not faster
+
+
+def test_stacked_forward_input_errors_name_the_expected_shape():
+    cohort = Cohort(lambda: nn.Linear(2, 1), size=3, backend="stacked")
+    with pytest.raises(RuntimeError, match=r"stacked forward of 3 members failed on an input of shape \(4, 3\); the input "
+                                           r"must be \[B, \.\.\.\], what one member's forward takes: "):
+        cohort.stacked_forward(torch.ones(4, 3))
+    with pytest.raises(ValueError, match=r"per_member=True\) needs one batch per member, \[3, B, \.\.\.\], got shape \(2, 4, 2\)"):
+        cohort.stacked_forward(torch.ones(2, 4, 2), per_member=True)
+    with pytest.raises(ValueError, match=r"\[2, B, \.\.\.\], got shape \(3, 4, 2\)"):
+        cohort.stacked_forward(torch.ones(3, 4, 2), members=[0, 2], per_member=True)
+    with pytest.raises(TypeError, match="stacked_forward needs a Tensor, got list"):
+        cohort.stacked_forward([[1.0, 2.0]])
+    assert cohort.stacked_forward(torch.ones(2, 4, 2), members=[0, 2], per_member=True).shape == (2, 4, 1)
+
+
+def test_stacked_optimizer_member_arguments_and_loaded_states_are_checked():
+    torch.manual_seed(0)
+    cohort = Cohort(lambda: nn.Linear(2, 1), size=3, backend="stacked")
+    opt = StackedOptimizer(cohort.stacked_parameters(), [list(m.parameters()) for m in cohort], torch.optim.SGD,
+                           {"lr": 0.1, "momentum": 0.9})
+    for p in cohort.stacked_parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    good = opt.member_state_dict(0)
+    for members in ([5], [-1], [True], [0.5]):
+        with pytest.raises(IndexError, match=rf"member index must be an int in \[0, 2\], got {members[0]!r}"):
+            opt.step(members=members)
+    with pytest.raises(ValueError, match=r"needs at least one member index, got none \(pass members=None for all\)"):
+        opt.step(members=[])
+    for call in (lambda: opt.load_member_state_dict(9, good), lambda: opt.reset_member(9), lambda: opt.member_state_dict(-1)):
+        with pytest.raises(IndexError, match=r"member index must be an int in \[0, 2\]"):
+            call()
+    weights = [p.detach().clone() for p in cohort.stacked_parameters()]
+    momentum = [t.clone() for t in opt._state["momentum_buffer"]]
+
+    def changed(**edit):
+        state = copy.deepcopy(good)
+        for key, value in edit.items():
+            if key == "state":
+                state["state"] = value(state["state"])
+            else:
+                state["param_groups"][0][key] = value
+        return state
+
+    def nan_buffer(state):
+        state[0]["momentum_buffer"][0, 0] = float("nan")
+        return state
+
+    for bad, message in (
+        (changed(state=nan_buffer), r"parameter 0, 'momentum_buffer' holds NaN or inf values"),
+        (changed(momentum=0.5), r"members' SGD momentum differ \(\['0.5', '0.9'\]\)"),
+        (changed(state=lambda s: {7: s[0], 1: s[1]}), r"parameter index 7 is not one of 0..1"),
+        (changed(state=lambda s: {"x": s[0], 1: s[1]}), r"parameter index 'x' is not one of 0..1"),
+        (changed(lr=float("nan")), r"lr must be a finite number >= 0, got nan"),
+        (changed(state=lambda s: {0: {"momentum_buffer": [[0.0, 0.0]]}, 1: s[1]}), r"'momentum_buffer': expected a tensor, got list"),
+    ):
+        with pytest.raises(ValueError, match=rf"optimizer state of member 1.*{message}"):
+            opt.load_member_state_dict(1, bad)
+    # nothing was written: same weights, momentum and hyperparameters, and the optimizer still steps
+    assert all(torch.equal(a, b) for a, b in zip(momentum, opt._state["momentum_buffer"]))
+    assert all(torch.equal(a, b.detach()) for a, b in zip(weights, cohort.stacked_parameters()))
+    assert opt.param_groups[1]["momentum"] == 0.9 and opt.param_groups[1]["lr"] == 0.1
+    opt.step(members=[1, 1, 2])

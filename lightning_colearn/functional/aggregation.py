@@ -52,6 +52,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable, Mapping, Sequence
 
@@ -84,6 +85,9 @@ def _check_updates(updates: Sequence[Sequence[Tensor]], caller: str) -> None:
     if len(updates) == 0:
         raise ValueError(f"{caller} needs at least one update (one list of tensors per client), got none")
     for index, update in enumerate(updates):
+        if update is None or isinstance(update, (str, bytes)) or not hasattr(update, "__iter__"):
+            raise TypeError(f"update {index} is {type(update).__name__}; each update must be a list of tensors, "
+                            "e.g. list(module.state_dict().values())")
         if isinstance(update, (Tensor, Mapping)):
             raise TypeError(
                 f"update {index} is a {type(update).__name__}; each update must be a list of tensors, "
@@ -110,7 +114,19 @@ def _check_updates(updates: Sequence[Sequence[Tensor]], caller: str) -> None:
 
 def _check_weights(weights: Sequence[float] | Tensor, count: int) -> Tensor:
     """Return ``weights`` as float64 on the CPU after checking length, finiteness, sign and sum."""
-    w = weights.detach().cpu() if isinstance(weights, Tensor) else weights
+    if isinstance(weights, Tensor):
+        if weights.dtype == torch.bool:
+            raise TypeError("weights must be real numbers (e.g. sample counts), got a bool tensor")
+        w = weights.detach().cpu()
+    else:
+        if isinstance(weights, (str, bytes, Mapping)) or not hasattr(weights, "__iter__"):
+            raise TypeError(f"weights must be a sequence of numbers (one per update) or a 1-D tensor, got {type(weights).__name__}")
+        w = list(weights)  # a list, a tuple or a 1-D numpy array
+        # nested lists fall through to the shape check below
+        bad = [v for v in w if isinstance(v, (bool, str, bytes, Mapping))
+               or not isinstance(v, numbers.Real) and not isinstance(v, (list, tuple))]
+        if bad:
+            raise TypeError(f"weights must be real numbers (e.g. sample counts), got {bad[0]!r} in {w!r}")
     w = torch.as_tensor(w, dtype=torch.float64)
     if w.ndim != 1 or w.numel() != count:
         raise ValueError(f"weights must have one entry per update ({count}), got shape {tuple(w.shape)}")
@@ -123,6 +139,8 @@ def _check_weights(weights: Sequence[float] | Tensor, count: int) -> Tensor:
 
 def _as_int(name: str, value: object, minimum: int) -> int:
     try:
+        if isinstance(value, bool):  # operator.index(True) is 1: a flag is not a count
+            raise TypeError
         number = operator.index(value)  # accepts int and numpy integers, rejects 1.5
     except TypeError:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None

@@ -476,3 +476,25 @@ def test_fedprox_term_errors():
         fedprox_term(w, [torch.zeros(2), torch.zeros(2)], 0.1)
     with pytest.raises(CohortMismatchError, match=r"differ at tensor 0: shape \(2,\) vs \(3,\)"):
         fedprox_term(w, [torch.zeros(3)], 0.1)
+
+
+def test_weights_and_updates_of_the_wrong_type_are_named():
+    import numpy as np
+
+    updates = [[torch.ones(2)], [torch.zeros(2)]]
+    for weights, message in (
+        (["a", 1.0], r"weights must be real numbers \(e.g. sample counts\), got 'a' in \['a', 1.0\]"),
+        ([True, False], r"weights must be real numbers \(e.g. sample counts\), got True"),
+        (torch.tensor([True, False]), r"weights must be real numbers \(e.g. sample counts\), got a bool tensor"),
+        ({0: 1.0, 1: 2.0}, r"weights must be a sequence of numbers \(one per update\) or a 1-D tensor, got dict"),
+        ("ab", r"weights must be a sequence of numbers .*got str"),
+    ):
+        with pytest.raises(TypeError, match=message):
+            aggregate(updates, weights=weights)
+    expected = [torch.full((2,), 0.25)]
+    for weights in ([1, 3], (1, 3), np.array([1, 3]), [np.int64(1), np.float32(3)], torch.tensor([1, 3])):
+        assert torch.allclose(aggregate(updates, weights=weights)[0], expected[0])
+    with pytest.raises(ValueError, match="num_byzantine must be an integer >= 0, got True"):
+        krum([[torch.ones(1)]] * 5, num_byzantine=True)
+    with pytest.raises(TypeError, match=r"update 0 is NoneType; each update must be a list of tensors"):
+        aggregate([None, None])
