@@ -37,7 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -305,7 +305,14 @@ class ProofOfLearning(ClientRounds):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
             miner_states, base = state_dict["miner_states"], state_dict["ledger_base"]
-            base = None if base is None else int(base)
+            if base is not None and not is_int_at_least(base, 0):
+                raise ValueError(f"ledger_base must be None or an int >= 0, got {base!r}")
+            if miner_states is not None and (
+                not isinstance(miner_states, list) or len(miner_states) != self.miners
+                or not all(isinstance(m, Mapping) and all(isinstance(v, Tensor) for v in m.values()) for m in miner_states)
+            ):
+                raise ValueError(f"miner_states must be None or {self.miners} state dicts (one per miner), got "
+                                 f"{type(miner_states).__name__}" + (f" of {len(miner_states)}" if isinstance(miner_states, list) else ""))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"ProofOfLearning checkpoint state is corrupt or from another version: {err}") from err
         super().load_state_dict(state_dict)

@@ -288,7 +288,16 @@ class ClientRounds(PicklableGenerator, Callback):
             if round_ != len(history):
                 raise ValueError(f"round {round_} with {len(history)} recorded rounds")
             rounds_to_target, clients = state_dict["rounds_to_target"], state_dict["clients"]
-            round_epochs, synced = int(state_dict["round_epochs"]), bool(state_dict["synced"])
+            round_epochs, synced = state_dict["round_epochs"], state_dict["synced"]
+            if rounds_to_target is not None and not (is_int_at_least(rounds_to_target, 1) and rounds_to_target <= round_):
+                raise ValueError(f"rounds_to_target must be None or an int in [1, {round_}], got {rounds_to_target!r}")
+            if clients is not None and (not isinstance(clients, list) or not all(is_int_at_least(c, 0) for c in clients)
+                                        or len(set(clients)) != len(clients)):
+                raise ValueError(f"clients must be None or a list of distinct client indices, got {clients!r}")
+            if not is_int_at_least(round_epochs, 0) or round_epochs > self.local_epochs or clients is None and round_epochs:
+                raise ValueError(f"round_epochs must be an int in [0, {self.local_epochs}] (0 between rounds), got {round_epochs!r}")
+            if not isinstance(synced, bool):
+                raise ValueError(f"synced must be a bool, got {synced!r}")
             self.generator.set_state(state_dict["generator"])  # the last step that can fail: nothing half-loaded
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise ValueError(f"{type(self).__name__} checkpoint state is corrupt or from another version: {err}") from err

@@ -304,6 +304,32 @@ def test_pofl_does_not_train_on_a_tampered_ledger(tmp_path):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before  # nothing appended
 
 
+def test_corrupt_round_states_are_refused_and_change_nothing(tmp_path):
+    fedavg = FederatedAveraging(clients_per_round=2, local_epochs=2)
+    good = fedavg.state_dict()
+    for change, message in (
+        (dict(rounds_to_target="x"), r"rounds_to_target must be None or an int in \[1, 0\], got 'x'"),
+        (dict(round_epochs=-3, clients=[7, 8]), r"round_epochs must be an int in \[0, 2\] \(0 between rounds\), got -3"),
+        (dict(round_epochs=1), r"round_epochs must be an int in \[0, 2\]"),  # a round in progress needs its clients
+        (dict(clients=[1, 1]), r"clients must be None or a list of distinct client indices, got \[1, 1\]"),
+        (dict(clients="ab"), r"clients must be None or a list"),
+        (dict(synced="no"), r"synced must be a bool, got 'no'"),
+    ):
+        with pytest.raises(ValueError, match=r"FederatedAveraging checkpoint state is corrupt or from another version: " + message):
+            fedavg.load_state_dict({**good, **change})
+        assert fedavg.round == 0 and fedavg._clients is None and fedavg._round_epochs == 0
+    pofl = ProofOfLearning(miners=2, ledger=None)
+    good = pofl.state_dict()
+    for change, message in (
+        (dict(miner_states="x"), r"miner_states must be None or 2 state dicts \(one per miner\), got str"),
+        (dict(miner_states=[{"w": torch.ones(1)}] * 5), r"miner_states must be None or 2 state dicts .*got list of 5"),
+        (dict(ledger_base=-4), r"ledger_base must be None or an int >= 0, got -4"),
+    ):
+        with pytest.raises(ValueError, match=r"ProofOfLearning checkpoint state is corrupt or from another version: " + message):
+            pofl.load_state_dict({**good, **change})
+        assert pofl.miner_states is None and pofl._ledger_base is None
+
+
 def test_pofl_argument_errors():
     with pytest.raises(ValueError, match="miners must be an int >= 1, got 0"):
         ProofOfLearning(miners=0)
