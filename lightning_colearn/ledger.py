@@ -197,7 +197,11 @@ def _winner_problem(block: Block) -> str | None:
 
 
 def weights_to_bytes(state: Mapping[str, Tensor]) -> bytes:
-    """Serialise a state dict with safetensors (contiguous CPU copies); the same tensors give the same bytes."""
+    """Serialise a state dict with safetensors (contiguous CPU copies); the same tensors give the same bytes.
+
+    :class:`LedgerError` for anything but ``str -> Tensor`` entries and for NaN or inf values: a block's
+    model must be finite.
+    """
     from safetensors.torch import save
 
     if not isinstance(state, Mapping):

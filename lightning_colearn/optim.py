@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -328,7 +329,11 @@ class StackedOptimizer(Optimizer):
         group.update({key: v for key, v in groups[0].items() if key != "params"})
         try:  # hyperparameters the stacked step shares must still agree across members
             lr = group.get("lr")
-            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < float("inf"):
+            try:  # a number or a 0-d tensor, as torch.optim takes
+                value = float(lr) if not isinstance(lr, (bool, str)) else math.nan
+            except (TypeError, ValueError, RuntimeError):
+                value = math.nan
+            if not 0 <= value < math.inf:
                 raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
             for name in group:
                 if name != "params" and name not in _PER_MEMBER and name in self.defaults:
