@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from lightning_colearn._checks import is_int_at_least
 from lightning_colearn.functional import arithmetic as F
-from lightning_colearn.stacked import StackedModel
+from lightning_colearn.stacked import StackedMismatchError, StackedModel
 
 __all__ = ["BACKENDS", "Cohort", "MemberSpec"]
 
@@ -85,6 +85,7 @@ class Cohort(nn.Module):
         if backend == "stacked":
             try:
                 self.check_compatible()
+                _check_same_modules(self.members)
             except F.CohortMismatchError as err:
                 raise F.CohortMismatchError(f"backend='stacked' needs members of one architecture: {err}") from None
             self.__dict__["engine"] = StackedModel(self.members)  # not a submodule: state_dict keys stay the members'
@@ -149,6 +150,8 @@ class Cohort(nn.Module):
             if not self.engine._checked:
                 self.engine.check(list(self.members), x if members is None or not per_member else x[:1].expand(len(self), *x.shape[1:]), per_member)
             return self.engine(x, index=index, per_member=per_member)
+        except StackedMismatchError:  # the members' own forward disagrees: not an input problem
+            raise
         except RuntimeError as err:  # torch's message names the batched kernels' shapes, not the member's input
             what = f"[{n}, B, ...] (one batch per member)" if per_member else "[B, ...], what one member's forward takes"
             raise RuntimeError(f"stacked forward of {n} members failed on an input of shape {tuple(x.shape)}; the input "
@@ -387,6 +390,22 @@ class Cohort(nn.Module):
         if not indices:
             raise ValueError("expected at least one member index, got none")
         return indices
+
+
+def _check_same_modules(members: Sequence[nn.Module]) -> None:
+    """Raise unless every member has member 0's submodule types at the same paths.
+
+    Same tensors are not enough for one stacked forward: it runs member 0's
+    modules for everyone, so members that differ only in parameter-free layers
+    (``ReLU`` against ``Tanh``) would silently run member 0's.
+    """
+    ref = [(path, type(m)) for path, m in members[0].named_modules()]
+    for i, member in enumerate(members[1:], start=1):
+        own = [(path, type(m)) for path, m in member.named_modules()]
+        if own != ref:
+            k = next((k for k, (a, b) in enumerate(zip(ref, own)) if a != b), min(len(ref), len(own)))
+            a, b = (f"{m[k][1].__name__} at {m[k][0] or 'the root'!r}" if k < len(m) else "no module" for m in (ref, own))
+            raise F.CohortMismatchError(f"members 0 and {i} differ in their modules: {a} vs {b}")
 
 
 def _build_members(members: MemberSpec, size: int | None) -> list[nn.Module]:

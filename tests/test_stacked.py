@@ -608,3 +608,15 @@ def test_stacked_optimizer_member_arguments_and_loaded_states_are_checked():
     assert all(torch.equal(a, b.detach()) for a, b in zip(weights, cohort.stacked_parameters()))
     assert opt.param_groups[1]["momentum"] == 0.9 and opt.param_groups[1]["lr"] == 0.1
     opt.step(members=[1, 1, 2])
+
+
+def test_members_differing_only_in_parameter_free_layers_cannot_be_stacked():
+    # same tensors, different activations: one stacked forward would run member 0's ReLU for both
+    members = [nn.Sequential(nn.Linear(2, 3), nn.ReLU()), nn.Sequential(nn.Linear(2, 3), nn.Tanh())]
+    with pytest.raises(CohortMismatchError, match=r"one architecture: members 0 and 1 differ in their modules: "
+                                                  r"ReLU at '1' vs Tanh at '1'"):
+        Cohort(members, backend="stacked")
+    longer = [nn.Sequential(nn.Linear(2, 3)), nn.Sequential(nn.Linear(2, 3), nn.Identity())]
+    with pytest.raises(CohortMismatchError, match=r"differ in their modules: no module vs Identity at '1'"):
+        Cohort(longer, backend="stacked")
+    Cohort(members)  # the loop backend runs each member's own modules
