@@ -294,8 +294,8 @@ class ClientRounds(PicklableGenerator, Callback):
             if clients is not None and (not isinstance(clients, list) or not all(is_int_at_least(c, 0) for c in clients)
                                         or len(set(clients)) != len(clients)):
                 raise ValueError(f"clients must be None or a list of distinct client indices, got {clients!r}")
-            if not is_int_at_least(round_epochs, 0) or round_epochs > self.local_epochs or clients is None and round_epochs:
-                raise ValueError(f"round_epochs must be an int in [0, {self.local_epochs}] (0 between rounds), got {round_epochs!r}")
+            if not is_int_at_least(round_epochs, 0) or round_epochs > self.local_epochs:
+                raise ValueError(f"round_epochs must be an int in [0, {self.local_epochs}] (local_epochs), got {round_epochs!r}")
             if not isinstance(synced, bool):
                 raise ValueError(f"synced must be a bool, got {synced!r}")
             self.generator.set_state(state_dict["generator"])  # the last step that can fail: nothing half-loaded

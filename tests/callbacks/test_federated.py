@@ -309,8 +309,8 @@ def test_corrupt_round_states_are_refused_and_change_nothing(tmp_path):
     good = fedavg.state_dict()
     for change, message in (
         (dict(rounds_to_target="x"), r"rounds_to_target must be None or an int in \[1, 0\], got 'x'"),
-        (dict(round_epochs=-3, clients=[7, 8]), r"round_epochs must be an int in \[0, 2\] \(0 between rounds\), got -3"),
-        (dict(round_epochs=1), r"round_epochs must be an int in \[0, 2\]"),  # a round in progress needs its clients
+        (dict(round_epochs=-3, clients=[7, 8]), r"round_epochs must be an int in \[0, 2\] \(local_epochs\), got -3"),
+        (dict(round_epochs=3), r"round_epochs must be an int in \[0, 2\] \(local_epochs\), got 3"),
         (dict(clients=[1, 1]), r"clients must be None or a list of distinct client indices, got \[1, 1\]"),
         (dict(clients="ab"), r"clients must be None or a list"),
         (dict(synced="no"), r"synced must be a bool, got 'no'"),
