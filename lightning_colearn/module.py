@@ -145,8 +145,9 @@ class CohortModule(L.LightningModule):
                 raise TypeError(f"optimizer as a list needs one callable per member ({len(self.cohort)}), got {optimizer!r}")
         elif optimizer is not None and not callable(optimizer):
             raise TypeError(f"optimizer must be a callable params -> Optimizer (e.g. a partial), got {optimizer!r}")
-        if gradient_clip_val is not None and not gradient_clip_val > 0:
-            raise ValueError(f"gradient_clip_val must be > 0 or None, got {gradient_clip_val}")
+        if gradient_clip_val is not None and (isinstance(gradient_clip_val, bool) or not isinstance(gradient_clip_val, (int, float))
+                                              or not 0 < gradient_clip_val < math.inf):
+            raise ValueError(f"gradient_clip_val must be a finite number > 0 or None, got {gradient_clip_val!r}")
         self.loss_fn = loss if loss is not None else F.cross_entropy
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler

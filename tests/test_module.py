@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from functools import partial
 
 import lightning as L
@@ -250,8 +251,9 @@ def test_construction_errors():
         CohortModule([ManualModule()])
     with pytest.raises(TypeError, match="optimizer must be a callable"):
         CohortModule(LogisticRegression, size=2, optimizer=0.1)
-    with pytest.raises(ValueError, match="gradient_clip_val must be > 0"):
-        CohortModule(LogisticRegression, size=2, gradient_clip_val=0)
+    for clip in (0, "1", float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match=rf"gradient_clip_val must be a finite number > 0 or None, got {re.escape(repr(clip))}"):
+            CohortModule(LogisticRegression, size=2, gradient_clip_val=clip)
     with pytest.raises(ValueError, match="cohort size must be an int >= 1, got 0"):
         CohortModule(LogisticRegression, size=0)
 
