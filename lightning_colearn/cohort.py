@@ -234,8 +234,8 @@ class Cohort(nn.Module):
                     f"state for member {index} does not fit at {name!r}: got {tuple(tensor.shape)} {tensor.dtype}, "
                     f"member has {tuple(own[name].shape)} {own[name].dtype}"
                 )
-        if not allow_nonfinite and not F.is_finite(list(state.values())):
-            bad = next(k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all())
+        bad = None if allow_nonfinite else F.first_non_finite(state)
+        if bad is not None:
             raise ValueError(f"state for member {index} has NaN/Inf values in {bad!r}; refusing to load it")
         return own
 
@@ -374,10 +374,9 @@ class Cohort(nn.Module):
     # --------------------------------------------------------------- helpers
     def _check_index(self, index: int) -> int:
         # any integer (Python, numpy, a 0-d integer tensor: operator.index), never a bool, a float or a string
-        integral = not isinstance(index, bool) and hasattr(type(index), "__index__")
         try:
-            value = operator.index(index) if integral else None
-        except TypeError:  # e.g. a float tensor: __index__ exists but refuses
+            value = None if isinstance(index, bool) else operator.index(index)
+        except TypeError:
             value = None
         if value is None or not -len(self) <= value < len(self):
             raise IndexError(f"member index must be an int in [0, {len(self) - 1}], got {index!r}")

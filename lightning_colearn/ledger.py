@@ -52,6 +52,8 @@ from typing import Any
 
 from torch import Tensor
 
+from lightning_colearn.functional.arithmetic import first_non_finite
+
 __all__ = [
     "GENESIS_HASH",
     "Block",
@@ -209,19 +211,11 @@ def weights_to_bytes(state: Mapping[str, Tensor]) -> bytes:
     for name, value in state.items():
         if not isinstance(name, str) or not isinstance(value, Tensor):
             raise LedgerError(f"weights must map str -> Tensor, got {name!r} -> {type(value).__name__}")
-    bad = _non_finite(state)
+    bad = first_non_finite(state)
     if bad:
         raise LedgerError(f"weights {bad!r} hold NaN or inf values; a block's model must be finite")
     # clone: tied/shared tensors would make safetensors refuse the dict
     return save({k: v.detach().cpu().contiguous().clone() for k, v in state.items()})
-
-
-def _non_finite(state: Mapping[str, Tensor]) -> str | None:
-    """The name of the first floating-point tensor of ``state`` with a NaN or inf, or None."""
-    for name, value in state.items():
-        if (value.is_floating_point() or value.is_complex()) and not bool(value.isfinite().all()):
-            return name
-    return None
 
 
 def weights_from_bytes(data: bytes) -> dict[str, Tensor]:
@@ -325,14 +319,16 @@ class Ledger:
         return self._conn.execute("SELECT COUNT(*) FROM blocks").fetchone()[0]
 
     def __iter__(self) -> Iterator[Block]:
-        rows = self._conn.execute(f"SELECT {_HEADER} FROM blocks ORDER BY idx").fetchall()
-        return (_to_block(row) for row in rows)
+        return iter(self._headers(strict=True))
 
     def listing(self) -> list[Block]:
         """Every stored block header in index order, for display: a row whose scores are not valid JSON keeps
         them as text instead of raising (:meth:`verify` says what is wrong with it)."""
+        return self._headers(strict=False)
+
+    def _headers(self, strict: bool) -> list[Block]:
         rows = self._conn.execute(f"SELECT {_HEADER} FROM blocks ORDER BY idx").fetchall()
-        return [_to_block(row, strict=False) for row in rows]
+        return [_to_block(row, strict) for row in rows]
 
     def block(self, index: int) -> Block:
         """Block ``index`` (negative counts from the end, as for a list)."""
@@ -399,8 +395,7 @@ class Ledger:
         ``weights``, name a winner that has a score and, if ``rescore`` is
         given, its weights must score ``block.winner_score`` within ``tol``.
         """
-        if not isinstance(block, Block):
-            raise BlockRefused(f"expected a Block (from Ledger.propose), got {type(block).__name__}")
+        _require_block(block)
         n, last = len(self), self.last
         if last is not None and last.index != n - 1:
             raise LedgerError(f"block {block.index}: the ledger holds {n} blocks but the last is {last.index}; run verify")
@@ -414,8 +409,7 @@ class Ledger:
         A refused block raises :class:`BlockRefused`; a block that could not be
         stored raises :class:`LedgerError`. Either way nothing is written.
         """
-        if not isinstance(block, Block):
-            raise BlockRefused(f"expected a Block (from Ledger.propose), got {type(block).__name__}")
+        _require_block(block)  # before its index is read
         if self.readonly:
             raise LedgerError(f"block {block.index}: {self.path} is open read-only")
         try:
@@ -534,6 +528,11 @@ def _to_block(row: tuple, strict: bool = True) -> Block:
     return Block(index, row[1], row[2], row[3], scores, row[5], row[6], row[7])
 
 
+def _require_block(block: object) -> None:
+    if not isinstance(block, Block):
+        raise BlockRefused(f"expected a Block (from Ledger.propose), got {type(block).__name__}")
+
+
 def _shorten(value: object, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
@@ -542,9 +541,7 @@ def _shorten(value: object, limit: int = 80) -> str:
 def _block_problem(
     block: Block, weights: Any, index: int, prev_hash: str, rescore: Rescore | None, tol: float
 ) -> str | None:
-    """The first thing wrong with ``block`` as block number ``index`` after ``prev_hash``, or None."""
-    if not isinstance(block, Block):
-        return f"expected a Block, got {type(block).__name__}"
+    """The first thing wrong with ``block`` (a :class:`Block`) as block number ``index`` after ``prev_hash``, or None."""
     if block.index != index:
         return f"index is {block.index!r}, the next block must be {index}"
     if block.prev_hash != prev_hash:
@@ -563,7 +560,7 @@ def _block_problem(
         state = weights_from_bytes(weights)
     except LedgerError as err:
         return str(err)
-    bad = _non_finite(state)
+    bad = first_non_finite(state)
     if bad:
         return f"weights {bad!r} hold NaN or inf values"
     if rescore is not None:

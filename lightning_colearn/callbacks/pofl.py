@@ -311,8 +311,8 @@ class ProofOfLearning(ClientRounds):
                 not isinstance(miner_states, list) or len(miner_states) != self.miners
                 or not all(isinstance(m, Mapping) and all(isinstance(v, Tensor) for v in m.values()) for m in miner_states)
             ):
-                raise ValueError(f"miner_states must be None or {self.miners} state dicts (one per miner), got "
-                                 f"{type(miner_states).__name__}" + (f" of {len(miner_states)}" if isinstance(miner_states, list) else ""))
+                got = f"list of {len(miner_states)}" if isinstance(miner_states, list) else type(miner_states).__name__
+                raise ValueError(f"miner_states must be None or {self.miners} state dicts (one per miner), got {got}")
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"ProofOfLearning checkpoint state is corrupt or from another version: {err}") from err
         super().load_state_dict(state_dict)

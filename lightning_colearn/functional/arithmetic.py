@@ -30,6 +30,7 @@ __all__ = [
     "CohortMismatchError",
     "check_same_structure",
     "copy_",
+    "first_non_finite",
     "is_finite",
     "lerp_",
     "weighted_average",
@@ -192,3 +193,16 @@ def copy_(targets: Sequence[Sequence[Tensor]], source: Sequence[Tensor]) -> None
 def is_finite(tensors: Sequence[Tensor]) -> bool:
     """True when no floating tensor holds NaN or Inf."""
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
+def first_non_finite(state: Mapping[str, Tensor]) -> str | None:
+    """The name of the first floating (or complex) tensor of ``state`` holding NaN or Inf, or None.
+
+    Example:
+        >>> first_non_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")]), "n": torch.tensor([3])})
+        'b'
+    """
+    for name, value in state.items():
+        if (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+            return name
+    return None
