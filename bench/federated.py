@@ -26,9 +26,12 @@ shards, PoFL on IID clients):
   round's candidates, plus the validators' re-score when a block is
   appended), timed with the run's own models on the evaluation set in memory
   after the run. It is a lower bound: inside a round the same passes measured
-  ~1.8 ms per 1,000 images against ~1.2-1.5 ms here (caches cold after the
-  clients' training). A share below the floor needs fewer or cheaper forward
-  passes, not less overhead.
+  ~1.65 ms per 1,000 images against ~1.45 ms here. A share below the floor
+  needs fewer or cheaper forward passes, not less overhead;
+* and the **append floor**: the forward floor plus, per block, one bare
+  durable append of the run's model (``Ledger.propose`` and ``commit``, one
+  fsync'd SQLite transaction, no re-score) to a fresh ledger, median of
+  :data:`APPENDS`. No run that keeps every block on disk goes below it.
 
 Validation is off in the timed runs (the callbacks score the global model or
 the candidates themselves); ``fit s/round`` is the whole training loop per
@@ -51,7 +54,7 @@ import lightning as L
 import torch
 
 from common import FitTimer, quiet_lightning  # bench/common.py (scripts run from bench/)
-from lightning_colearn import CohortDataModule, CohortModule, FederatedAveraging, ProofOfLearning
+from lightning_colearn import CohortDataModule, CohortModule, FederatedAveraging, Ledger, ProofOfLearning
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST
 from lightning_colearn.models import MLP
 
@@ -60,6 +63,7 @@ TARGETS = (0.6, 0.8)
 # Default rounds per data set (--rounds overrides both). Fashion-MNIST measured at ~1.1-1.5 s per round on
 # 2 CPU cores (mnist_small ~0.15 s), so one seed of the whole benchmark takes ~2.5 minutes, three ~7.5.
 ROUNDS = {"mnist_small": 30, "fashion_mnist": 30}
+APPENDS = 15  # bare appends timed for the append floor
 RUNS = [("FedAvg", "iid"), ("FedAvg", "shards"), ("PoFL", "iid")]
 PHASES = ("train_seconds", "aggregate_seconds", "eval_seconds", "consensus_seconds", "ledger_seconds")
 
@@ -93,18 +97,21 @@ def run(algorithm: str, dm: CohortDataModule, rounds: int, seed: int) -> dict:
         blocks = sum(r.get("block") is not None for r in callback.history) if algorithm == "PoFL" else None
     history = callback.history
     per_round = {k: sum(r[k] for r in history) / len(history) for k in PHASES if k in history[0]}
-    floor = None
+    floor = append_floor = None
     if algorithm == "PoFL":
         # forward passes per round: every candidate once, the winner once more when validators re-score a block
         passes = sum(sum(s is not None for s in r["scores"]) + (r["block"] is not None) for r in history) / len(history)
         forwards = passes * forward_seconds([module.cohort[i] for i in range(MINERS)], dm)
+        appends = blocks / len(history) * append_seconds(module.cohort.member_state(0))
         rest = per_round["train_seconds"] + per_round["aggregate_seconds"]
         floor = forwards / (rest + forwards)
+        append_floor = (forwards + appends) / (rest + forwards + appends)
     scores = [r["score"] for r in history if r.get("score") is not None]
     reached = {t: next((r["round"] + 1 for r in history if r.get("score") is not None and r["score"] >= t), None)
                for t in TARGETS}
     return {**per_round, "round": sum(per_round.values()), "fit": timer.seconds / len(history), "rounds": len(history),
-            "reached": reached, "final": scores[-1] if scores else None, "blocks": blocks, "floor": floor}
+            "reached": reached, "final": scores[-1] if scores else None, "blocks": blocks, "floor": floor,
+            "append_floor": append_floor}
 
 
 @torch.no_grad()
@@ -121,6 +128,17 @@ def forward_seconds(models: list, dm: CohortDataModule, repeats: int = 5) -> flo
                 m(x)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:]) / len(models)
+
+
+def append_seconds(state: dict, repeats: int = APPENDS) -> float:
+    """Median seconds of one bare durable append of ``state`` (propose and commit, no re-score) to a fresh ledger."""
+    times = []
+    with tempfile.TemporaryDirectory() as tmp, Ledger(Path(tmp) / "floor.db") as ledger:
+        for i in range(repeats + 1):  # the first append creates the file's pages
+            start = time.perf_counter()
+            ledger.commit(*ledger.propose(i, 0, [1.0], state))
+            times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 def main() -> None:
@@ -158,7 +176,7 @@ def main() -> None:
         for seed, algorithm, partition, _, r, wall in rows:
             pofl = algorithm == "PoFL"
             share = (f"{100 * (r['consensus_seconds'] + r['ledger_seconds']) / r['round']:.1f} % (target < 20 %; "
-                     f"forward floor {100 * r['floor']:.1f} %)" if pofl else "-")
+                     f"forward floor {100 * r['floor']:.1f} %, append floor {100 * r['append_floor']:.1f} %)" if pofl else "-")
             clients = "IID" if partition == "iid" else "2-label shards"
             reached = [str(r["reached"][t]) if r["reached"][t] is not None else f"> {r['rounds']}" for t in TARGETS]
             final = "-" if r["final"] is None else f"{r['final']:.3f}"
