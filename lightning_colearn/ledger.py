@@ -46,6 +46,7 @@ import os
 import sqlite3
 import time as _time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -338,16 +339,43 @@ class Ledger:
         if not -n <= index < n:
             raise IndexError(f"block index {index!r} out of range: the ledger has {n} blocks (valid: 0..{n - 1})")
         index += n if index < 0 else 0
-        row = self._conn.execute(f"SELECT {_HEADER} FROM blocks WHERE idx=?", (index,)).fetchone()
-        if row is None:
-            raise LedgerError(f"block {index}: missing from the database (run verify)")
-        return _to_block(row)
+        with self._reading():
+            row = self._conn.execute(f"SELECT {_HEADER} FROM blocks WHERE idx=?", (index,)).fetchone()
+            if row is None:
+                raise LedgerError(f"block {index}: missing from the database (run verify)")
+            return _to_block(row)
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Blame what a read finds wrong on the file when SQLite finds the file damaged (a truncated file's rows
+        read as garbage, which would otherwise be blamed on one block)."""
+        try:
+            yield
+        except (LedgerError, sqlite3.DatabaseError) as err:
+            damage = self._damage()
+            if damage is not None:
+                raise LedgerError(f"{self.path}: {damage}") from err
+            if isinstance(err, sqlite3.DatabaseError):
+                raise LedgerError(f"{self.path}: cannot be read: {err}") from err
+            raise
+
+    def _damage(self) -> str | None:
+        """What SQLite's page-level check finds wrong with the file, or None."""
+        try:
+            lines = [line for r in self._conn.execute("PRAGMA quick_check(3)") for line in r[0].splitlines()]
+        except sqlite3.DatabaseError as err:
+            return f"the database file is damaged ({err})"
+        if lines == ["ok"]:
+            return None
+        found = "; ".join(line for line in lines if not line.startswith("***"))
+        return f"the database file is damaged (SQLite quick_check: {found})"
 
     @property
     def last(self) -> Block | None:
         """The newest block, or None for an empty ledger."""
-        row = self._conn.execute(f"SELECT {_HEADER} FROM blocks ORDER BY idx DESC LIMIT 1").fetchone()
-        return None if row is None else _to_block(row)
+        with self._reading():
+            row = self._conn.execute(f"SELECT {_HEADER} FROM blocks ORDER BY idx DESC LIMIT 1").fetchone()
+            return None if row is None else _to_block(row)
 
     @property
     def head_hash(self) -> str:
@@ -358,9 +386,10 @@ class Ledger:
     def load(self, index: int) -> dict[str, Tensor]:
         """Block ``index``'s weights, after checking them against the block's digest."""
         block = self.block(index)
-        (data,) = self._conn.execute("SELECT weights FROM blocks WHERE idx=?", (block.index,)).fetchone()
-        if not isinstance(data, bytes) or digest(data) != block.digest:
-            raise LedgerError(f"block {block.index}: weights do not match their digest")
+        with self._reading():
+            (data,) = self._conn.execute("SELECT weights FROM blocks WHERE idx=?", (block.index,)).fetchone()
+            if not isinstance(data, bytes) or digest(data) != block.digest:
+                raise LedgerError(f"block {block.index}: weights do not match their digest")
         try:
             return weights_from_bytes(data)
         except LedgerError as err:
@@ -468,10 +497,9 @@ class Ledger:
         """Recompute the chain from genesis: indices, links, hashes, digests and (optionally) the winning scores."""
         # a truncated or overwritten file can still open; its rows then read as garbage, which would be
         # blamed on one block: SQLite's page-level check says what happened
-        damage = [line for r in self._conn.execute("PRAGMA quick_check(3)") for line in r[0].splitlines()]
-        if damage != ["ok"]:
-            found = "; ".join(line for line in damage if not line.startswith("***"))
-            return VerifyReport(False, 0, None, f"the database file is damaged (SQLite quick_check: {found})")
+        damage = self._damage()
+        if damage is not None:
+            return VerifyReport(False, 0, None, damage)
         prev, count = GENESIS_HASH, 0
         for row in self._conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM blocks ORDER BY idx"):
             if row[0] != count:

@@ -358,6 +358,17 @@ def test_a_truncated_file_is_reported_as_damaged_and_not_extended(path: Path, tm
     assert _file_digest(cut) == before
 
 
+def test_reading_a_truncated_file_blames_the_file_not_a_block(path: Path, tmp_path: Path) -> None:
+    cut = _truncated(path, tmp_path)
+    before = _file_digest(cut)
+    with Ledger(cut, readonly=True) as ledger:
+        # before: "block 0: scores are not valid JSON: None" (the cut page's rows read as garbage)
+        for read in (lambda: ledger.load(0), lambda: ledger.load(-1), lambda: ledger.block(0), lambda: ledger.last):
+            with pytest.raises(LedgerError, match=r"cut\.db: the database file is damaged \(SQLite quick_check: "):
+                read()
+    assert _file_digest(cut) == before
+
+
 def test_non_finite_weights_are_refused(path: Path) -> None:
     before = _file_digest(path)
     nan = {**_state(4), "w": torch.full((3, 2), float("nan"))}
