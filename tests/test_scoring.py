@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -105,3 +107,22 @@ def test_outputs_that_are_not_tensors_update_the_metric_directly():
     models = [PairModel(seed) for seed in range(2)]
     plain = [by_batch(m.inner, data, MulticlassAccuracy(num_classes=4, average="micro")) for m in models]
     assert score_models(models, data, PairMetric()) == pytest.approx(plain, abs=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("batch", "message"),
+    [
+        (3, " must be an (inputs, targets) pair, got int"),
+        ((torch.randn(2, 6),), " must be an (inputs, targets) pair, got a tuple of 1"),
+        ((torch.randn(2, 6), torch.tensor([0, 1]), 5), " must be an (inputs, targets) pair, got a tuple of 3"),
+        ({"x": torch.randn(2, 6)}, " must be an (inputs, targets) pair, got dict"),
+        ((torch.randn(2, 6), torch.tensor([0, 1, 2])), ": inputs hold 2 samples but targets 3"),
+    ],
+    ids=["int", "single", "triple", "dict", "lengths"],
+)
+def test_a_batch_that_is_not_an_inputs_targets_pair_is_named(batch, message):
+    data = batches([4]) + [batch]  # the bad one second: the message says which
+    with pytest.raises(ValueError, match=re.escape("evaluation batch 1" + message)):
+        score_models([Recorder(0)], data, METRICS[0])
+    with pytest.raises(ValueError, match=re.escape("batch 1 of held-out source 0" + message)):
+        score(Recorder(0), data, METRICS[0])

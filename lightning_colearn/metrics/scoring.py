@@ -125,6 +125,17 @@ def _cat(tensors: list[Tensor]) -> Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
+def _pair(batch: Any, where: str) -> tuple[Any, Any]:
+    """``(inputs, targets)`` out of an evaluation batch, or an error saying what the batch was instead."""
+    if not isinstance(batch, (list, tuple)) or len(batch) != 2:
+        got = f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (list, tuple)) else type(batch).__name__
+        raise ValueError(f"{where} must be an (inputs, targets) pair, got {got}")
+    x, y = batch
+    if isinstance(x, Tensor) and isinstance(y, Tensor) and x.dim() and y.dim() and len(x) != len(y):
+        raise ValueError(f"{where}: inputs hold {len(x)} samples but targets {len(y)}")
+    return x, y
+
+
 def _forward(model: nn.Module, x: Tensor, chunk: int) -> Tensor:
     if len(x) <= chunk:
         return model(x)
@@ -193,7 +204,7 @@ def score_many(
                 for k, batch in enumerate(source):
                     if max_batches is not None and k == max_batches:
                         break
-                    x, y = select(i, batch) if select is not None else batch
+                    x, y = _pair(select(i, batch) if select is not None else batch, f"batch {k} of held-out source {i}")
                     whole = len(x) >= WHOLE_BATCH
                     if whole:  # forwarded alone: the small batches queued before it go first
                         flush()
@@ -245,9 +256,10 @@ def score_models(
     seen = 0
     try:
         with (context or nullcontext)():
-            for k, (x, y) in enumerate(batches):
+            for k, batch in enumerate(batches):
                 if max_batches is not None and k == max_batches:
                     break
+                x, y = _pair(batch, f"evaluation batch {k}")
                 x, y = x.to(device), y.to(device)
                 for i, (model, chunk) in enumerate(zip(models, chunks)):
                     updates.add(i, _forward(model, x, chunk), y)
