@@ -672,6 +672,7 @@ class CohortModule(L.LightningModule):
                 opt, sched = _parse_member_optimizers(member.configure_optimizers(), i)
             if not isinstance(opt, Optimizer):
                 raise TypeError(f"the optimizer for member {i} must be a torch.optim.Optimizer, got {type(opt).__name__}")
+            _check_hyperparameters(i, opt.param_groups)
             optimizers.append(opt)
             schedulers.append(sched)
         self._schedulers = schedulers
@@ -683,6 +684,8 @@ class CohortModule(L.LightningModule):
     def _configure_stacked(self) -> StackedOptimizer:
         factories = self.optimizer_factory if isinstance(self.optimizer_factory, (list, tuple)) else [self.optimizer_factory] * self.size
         specs = [_optimizer_spec(f) for f in factories]
+        for i, (_, kwargs) in enumerate(specs):
+            _check_hyperparameters(i, [kwargs])
         opt = StackedOptimizer(self.cohort.stacked_parameters(), [list(m.parameters()) for m in self.cohort],
                                specs[0][0], [kwargs for _, kwargs in specs])
         self._schedulers = [None if self.lr_scheduler_factory is None else _scheduler_config(self.lr_scheduler_factory(m), i)
@@ -816,6 +819,27 @@ def _check_stackable(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> N
     kinds = {_optimizer_spec(f)[0] for f in factories}
     if len(kinds) > 1:
         raise ValueError(f"backend='stacked' needs one optimizer type for all members, got {sorted(k.__name__ for k in kinds)}")
+
+
+def _check_hyperparameters(member: int, groups: list[dict[str, Any]]) -> None:
+    """Refuse a NaN or infinite optimizer setting (``lr=nan`` from a sweep): torch takes it and every weight turns NaN.
+
+    Example:
+        >>> _check_hyperparameters(0, [{"lr": 0.1, "betas": (0.9, float("inf"))}])
+        Traceback (most recent call last):
+        ...
+        ValueError: the optimizer for member 0: betas must hold finite numbers, got (0.9, inf)
+    """
+    for group in groups:
+        for key, value in group.items():
+            if key == "params":
+                continue
+            values = value if isinstance(value, (tuple, list)) else (value,)
+            for v in values:
+                v = v.item() if isinstance(v, Tensor) and v.numel() == 1 else v
+                if isinstance(v, float) and not math.isfinite(v):
+                    what = "hold finite numbers" if values is value else "be a finite number"
+                    raise ValueError(f"the optimizer for member {member}: {key} must {what}, got {value!r}")
 
 
 def _optimizer_spec(factory: Any) -> tuple[type, dict[str, Any]]:

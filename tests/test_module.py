@@ -263,6 +263,28 @@ def test_member_with_two_optimizers_is_refused_at_fit(shared_dm):
         trainer(max_steps=1).fit(CohortModule(TwoOptimizers, size=1), train_dataloaders=shared_dm.train_dataloader())
 
 
+@pytest.mark.parametrize("backend", ["loop", "stacked"])
+@pytest.mark.parametrize(
+    ("optimizers", "message"),
+    [
+        (partial(torch.optim.SGD, lr=float("nan")), "the optimizer for member 0: lr must be a finite number, got nan"),
+        ([partial(torch.optim.Adam, lr=1e-3), partial(torch.optim.Adam, lr=float("inf"))],
+         "the optimizer for member 1: lr must be a finite number, got inf"),
+        (partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=float("inf")),
+         "the optimizer for member 0: weight_decay must be a finite number, got inf"),
+    ],
+    ids=["nan-lr", "inf-lr-of-one-member", "inf-weight-decay"],
+)
+def test_a_non_finite_optimizer_setting_is_refused_before_any_step(shared_dm, backend, optimizers, message):
+    # torch's optimizers take these (its checks are comparisons, which NaN and inf pass), and the first
+    # step turns every weight NaN
+    module = CohortModule(LogisticRegression, size=2, optimizer=optimizers, backend=backend)
+    before = weights(module.cohort)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        trainer(max_steps=2).fit(module, train_dataloaders=shared_dm.train_dataloader())
+    assert_equal_states(weights(module.cohort), before)
+
+
 def test_batch_without_a_member_entry_is_a_clear_error():
     module = CohortModule(LogisticRegression, size=2)
     with pytest.raises(KeyError, match="no entry for member 1"):
