@@ -21,14 +21,13 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import operator
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lightning_colearn._checks import is_int_at_least
+from lightning_colearn._checks import is_int_at_least, member_index
 from lightning_colearn.functional import arithmetic as F
 from lightning_colearn.stacked import StackedMismatchError, StackedModel
 
@@ -373,14 +372,7 @@ class Cohort(nn.Module):
 
     # --------------------------------------------------------------- helpers
     def _check_index(self, index: int) -> int:
-        # any integer (Python, numpy, a 0-d integer tensor: operator.index), never a bool, a float or a string
-        try:
-            value = None if isinstance(index, bool) else operator.index(index)
-        except TypeError:
-            value = None
-        if value is None or not -len(self) <= value < len(self):
-            raise IndexError(f"member index must be an int in [0, {len(self) - 1}], got {index!r}")
-        return value % len(self)
+        return member_index(index, len(self))
 
     def _indices(self, indices: Sequence[int] | None, default: Sequence[int] | None = None) -> list[int]:
         if indices is None:

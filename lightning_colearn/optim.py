@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-from lightning_colearn._checks import is_int_at_least
+from lightning_colearn._checks import is_int_at_least, member_index
 from lightning_colearn.functional import stacked as FS
 
 __all__ = ["STACKED_OPTIMIZERS", "CohortOptimizer", "StackedOptimizer"]
@@ -109,14 +109,14 @@ class CohortOptimizer(Optimizer):
 
     def member_state_dict(self, i: int) -> dict[str, Any]:
         """Member ``i``'s optimizer state (``torch.optim`` format)."""
-        return self.optimizers[_member_index(i, len(self.optimizers))].state_dict()
+        return self.optimizers[member_index(i, len(self.optimizers))].state_dict()
 
     def load_member_state_dict(self, i: int, state_dict: dict[str, Any]) -> None:
-        self.optimizers[_member_index(i, len(self.optimizers))].load_state_dict(state_dict)
+        self.optimizers[member_index(i, len(self.optimizers))].load_state_dict(state_dict)
 
     def reset_member(self, i: int) -> None:
         """Forget member ``i``'s optimizer state (momentum, Adam moments and step count), as a fresh optimizer."""
-        self.optimizers[_member_index(i, len(self.optimizers))].state.clear()
+        self.optimizers[member_index(i, len(self.optimizers))].state.clear()
 
     def __repr__(self) -> str:
         return f"CohortOptimizer({len(self.optimizers)} x {type(self.optimizers[0]).__name__})"
@@ -280,7 +280,7 @@ class StackedOptimizer(Optimizer):
     # ------------------------------------------------------------ member states
     def member_state_dict(self, i: int) -> dict[str, Any]:
         """Member ``i``'s state in ``torch.optim`` format (what its own optimizer's ``state_dict()`` would be)."""
-        i = _member_index(i, len(self.param_groups))
+        i = member_index(i, len(self.param_groups))
         state: dict[int, dict[str, torch.Tensor]] = {}
         started = bool(self._state) and (self.kind is not torch.optim.SGD and bool(self._state["step"][0][i] > 0)
                                          or self.kind is torch.optim.SGD and bool(self._has_buffer[i]))
@@ -295,7 +295,7 @@ class StackedOptimizer(Optimizer):
     @torch.no_grad()
     def load_member_state_dict(self, i: int, state_dict: dict[str, Any]) -> None:
         """Load a ``torch.optim`` state (e.g. a loop cohort member's) into member ``i``; all checked before written."""
-        i = _member_index(i, len(self.param_groups))
+        i = member_index(i, len(self.param_groups))
         if not isinstance(state_dict, dict):
             raise ValueError(f"optimizer state of member {i} must be a torch.optim state dict, got {type(state_dict).__name__}")
         groups, state = state_dict.get("param_groups"), state_dict.get("state")
@@ -351,7 +351,7 @@ class StackedOptimizer(Optimizer):
 
     def reset_member(self, i: int) -> None:
         """Forget member ``i``'s optimizer state (momentum, Adam moments and step count), as a fresh optimizer."""
-        i = _member_index(i, len(self.param_groups))
+        i = member_index(i, len(self.param_groups))
         for tensors in self._state.values():
             for t in tensors:
                 t[i] = 0
@@ -428,13 +428,6 @@ def _member_states(state_dict: Any, n: int) -> list[Any]:
     return members
 
 
-def _member_index(i: Any, n: int) -> int:
-    """``i`` if it is a member index of an optimizer over ``n`` members, else a clear IndexError."""
-    if not is_int_at_least(i, 0) or i >= n:
-        raise IndexError(f"member index must be an int in [0, {n - 1}], got {i!r}")
-    return int(i)
-
-
 def _stepped_members(members: Sequence[int] | None, n: int) -> list[int] | None:
     """The distinct members ``step(members=...)`` names, sorted; None for all of them (``None`` or every index)."""
     if members is None:
@@ -442,5 +435,5 @@ def _stepped_members(members: Sequence[int] | None, n: int) -> list[int] | None:
     members = list(members)
     if not members:
         raise ValueError("step(members=...) needs at least one member index, got none (pass members=None for all)")
-    picked = sorted({_member_index(m, n) for m in members})
+    picked = sorted({member_index(m, n) for m in members})
     return None if picked == list(range(n)) else picked

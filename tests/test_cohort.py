@@ -489,7 +489,7 @@ def test_member_indices_are_integers_and_states_are_tensor_mappings():
     c = Cohort(lambda: nn.Linear(2, 1), size=3)
     before = [m.weight.detach().clone() for m in c]
     for bad in ([0, 1.7], [True, False], ["0", "2"]):
-        with pytest.raises(IndexError, match=r"member index must be an int in \[0, 2\], got "):
+        with pytest.raises(IndexError, match=r"member index must be an int in \[0, 2\] \(or -3\.\.-1 from the end\), got "):
             c.average(members=bad)
     assert all(torch.equal(b, m.weight) for b, m in zip(before, c))  # nothing averaged
     c.average(members=[np.int64(0), torch.tensor(2)])  # numpy and 0-d tensor integers are indices

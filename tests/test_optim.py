@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_colearn.optim import CohortOptimizer
+from lightning_colearn import Cohort
+from lightning_colearn.optim import CohortOptimizer, StackedOptimizer
 
 
 def _models(seed: int = 0) -> list[nn.Module]:
@@ -198,6 +199,25 @@ def test_empty_or_non_optimizer_members_raise():
         CohortOptimizer([torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1), object()])
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["loop", "stacked"])
+def test_a_negative_member_index_counts_from_the_end_as_in_the_cohort(stacked):
+    cohort = Cohort(lambda: nn.Linear(2, 1), size=3, backend="stacked" if stacked else "loop")
+    if stacked:
+        opt = StackedOptimizer(cohort.stacked_parameters(), [list(m.parameters()) for m in cohort], torch.optim.SGD,
+                               {"lr": 0.1, "momentum": 0.9})
+    else:
+        opt = CohortOptimizer([torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in cohort])
+    before = [{k: v.clone() for k, v in cohort.member_state(i).items()} for i in range(3)]
+    for p in cohort.stacked_parameters() if stacked else cohort.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step(members=[-1])  # the last member, as cohort[-1]
+    after = [cohort.member_state(i) for i in range(3)]
+    assert [torch.equal(a["weight"], b["weight"]) for a, b in zip(before, after)] == [True, True, False]
+    assert str(opt.member_state_dict(-1)) == str(opt.member_state_dict(2))
+    opt.reset_member(-1)
+    assert not opt.member_state_dict(2)["state"]
+
+
 def test_repr():
     models = _models()
     assert repr(CohortOptimizer([torch.optim.SGD(m.parameters(), lr=0.1) for m in models])) == "CohortOptimizer(2 x SGD)"
@@ -207,11 +227,12 @@ def test_cohort_optimizer_member_indices_are_checked():
     models = _models()
     opt = CohortOptimizer(_make_opts(models))
     n = len(models)
-    for members in ([n], [-1], [True]):
-        with pytest.raises(IndexError, match=rf"member index must be an int in \[0, {n - 1}\], got {members[0]!r}"):
+    for members in ([n], [-n - 1], [True]):
+        with pytest.raises(IndexError, match=rf"member index must be an int in \[0, {n - 1}\] \(or -{n}\.\.-1 from the end\), "
+                                             rf"got {members[0]!r}"):
             opt.step(members=members)
     with pytest.raises(ValueError, match="needs at least one member index, got none"):
         opt.step(members=[])
-    for call in (lambda: opt.member_state_dict(n), lambda: opt.reset_member(-1), lambda: opt.load_member_state_dict(1.0, {})):
+    for call in (lambda: opt.member_state_dict(n), lambda: opt.reset_member(-n - 1), lambda: opt.load_member_state_dict(1.0, {})):
         with pytest.raises(IndexError, match="member index must be an int"):
             call()

@@ -569,12 +569,12 @@ def test_stacked_optimizer_member_arguments_and_loaded_states_are_checked():
         p.grad = torch.ones_like(p)
     opt.step()
     good = opt.member_state_dict(0)
-    for members in ([5], [-1], [True], [0.5]):
-        with pytest.raises(IndexError, match=rf"member index must be an int in \[0, 2\], got {members[0]!r}"):
+    for members in ([5], [-4], [True], [0.5]):
+        with pytest.raises(IndexError, match=rf"member index must be an int in \[0, 2\] \(or -3\.\.-1 from the end\), got {members[0]!r}"):
             opt.step(members=members)
     with pytest.raises(ValueError, match=r"needs at least one member index, got none \(pass members=None for all\)"):
         opt.step(members=[])
-    for call in (lambda: opt.load_member_state_dict(9, good), lambda: opt.reset_member(9), lambda: opt.member_state_dict(-1)):
+    for call in (lambda: opt.load_member_state_dict(9, good), lambda: opt.reset_member(9), lambda: opt.member_state_dict(-4)):
         with pytest.raises(IndexError, match=r"member index must be an int in \[0, 2\]"):
             call()
     weights = [p.detach().clone() for p in cohort.stacked_parameters()]
