@@ -68,7 +68,8 @@ def two_processes(tmp_path_factory, cli_runs) -> Path:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
            str(HERE / "ddp_cases.py"), str(out), "--resume", str(one / "resume_from_one_checkpoints" / "last.ckpt")]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
+    (root / "torchrun.log").write_text(done.stdout + done.stderr)  # the whole of it, for a failure's post-mortem
+    assert done.returncode == 0, f"{root / 'torchrun.log'}:\n{done.stderr[-8000:]}"
     return out
 
 
