@@ -64,7 +64,7 @@ TARGETS = (0.6, 0.8)
 # 2 CPU cores (mnist_small ~0.15 s), so one seed of the whole benchmark takes ~2.5 minutes, three ~7.5.
 ROUNDS = {"mnist_small": 30, "fashion_mnist": 30}
 APPENDS = 15  # bare appends timed for the append floor
-RUNS = [("FedAvg", "iid"), ("FedAvg", "shards"), ("PoFL", "iid")]
+RUNS = [("FedAvg", "iid"), ("FedAvg", "pathological"), ("PoFL", "iid")]
 PHASES = ("train_seconds", "aggregate_seconds", "eval_seconds", "consensus_seconds", "ledger_seconds")
 
 
@@ -177,7 +177,7 @@ def main() -> None:
             pofl = algorithm == "PoFL"
             share = (f"{100 * (r['consensus_seconds'] + r['ledger_seconds']) / r['round']:.1f} % (target < 20 %; "
                      f"forward floor {100 * r['floor']:.1f} %, append floor {100 * r['append_floor']:.1f} %)" if pofl else "-")
-            clients = "IID" if partition == "iid" else "2-label shards"
+            clients = "IID" if partition == "iid" else "2 labels each"
             reached = [str(r["reached"][t]) if r["reached"][t] is not None else f"> {r['rounds']}" for t in TARGETS]
             final = "-" if r["final"] is None else f"{r['final']:.3f}"
             blocks = r["blocks"] if pofl else "-"

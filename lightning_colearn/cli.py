@@ -16,6 +16,8 @@ Examples::
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import os
@@ -121,10 +123,11 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
         datamodule.setup("fit")
     except ValueError as err:
         raise ConfigError(str(err)) from err
+    shapes = datamodule.shapes() if hasattr(datamodule, "shapes") else {}
     if members is not None:  # a heterogeneous cohort: one model config per member
-        model = [_instantiate(m, f"cohort.members[{i}]") for i, m in enumerate(members)]
+        model = [_built(_model(m, f"cohort.members[{i}]", shapes)) for i, m in enumerate(members)]
     else:
-        model = _instantiate(cfg.model, "model")
+        model = _model(cfg.model, "model", shapes)
     optimizer = _instantiate(cfg.optimizer, "optimizer")
     try:  # build one optimizer on a dummy tensor so torch validates every hyperparameter now
         optimizer([torch.zeros(1, requires_grad=True)])
@@ -138,6 +141,51 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
         **({"backend": backend} if backend is not None else {}),
     )
     return module, datamodule
+
+
+def _model(node: Any, field: str, shapes: dict[str, Any]) -> Any:
+    """The model factory of ``node``, its shape arguments (``in_features``, ``num_classes``, ...) taken from the data.
+
+    A shape argument the config leaves out (or null) is filled in from ``datamodule.shapes()`` when the
+    model takes it; one the config sets must agree with the data.
+    """
+    factory = _instantiate(node, field)
+    if isinstance(factory, torch.nn.Module) or not shapes:  # a built model (copied per member) keeps its shapes
+        return factory
+    target = factory.func if isinstance(factory, functools.partial) else factory
+    try:
+        accepted = inspect.signature(target).parameters
+    except (TypeError, ValueError):  # a builtin or an object without a signature: nothing to fill in
+        return factory
+    given = dict(factory.keywords) if isinstance(factory, functools.partial) else {}
+    fill = {}
+    for key, value in shapes.items():
+        if key not in accepted:
+            continue
+        if given.get(key) is None:
+            fill[key] = value
+        elif _as_shape(given[key]) != _as_shape(value):
+            raise ConfigError(f"{field}.{key} is {given[key]!r} but the data gives {value!r}; drop {field}.{key} from the "
+                              "config (it comes from the data) or change the data")
+    image_args = {"in_channels", "image_size"} & set(accepted)
+    if image_args and "in_channels" not in shapes and all(given.get(k) is None for k in image_args):
+        raise ConfigError(f"{field}: {getattr(target, '__name__', target)} takes images [C, H, W], but the data's inputs have "
+                          f"{shapes.get('in_features', '?')} features (no channels); pick a model for flat inputs, e.g. model=mlp")
+    if not fill:
+        return factory
+    if isinstance(factory, functools.partial):
+        return functools.partial(factory.func, *factory.args, **{**given, **fill})
+    raise ConfigError(f"{field} must be a model factory (_partial_: true) so the cohort can build one model per member "
+                      "with the data's shapes")
+
+
+def _built(model: Any) -> Any:
+    """One member of a heterogeneous cohort: a factory is called once, a built model is used as is."""
+    return model if isinstance(model, torch.nn.Module) or not callable(model) else model()
+
+
+def _as_shape(value: Any) -> Any:
+    return tuple(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else value
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -168,6 +216,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, default_root_dir=str(out))
     if rank_zero_only.rank == 0:  # under strategy=ddp every process runs this function
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+        _describe_partition(datamodule, out, cfg.get("plots", True))
 
     _check_checkpoint(cfg.get("ckpt_path"), out)
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
@@ -197,9 +246,25 @@ def _plots(cfg: DictConfig, trainer: L.Trainer, module, datamodule, out: Path) -
             except ValueError:  # that metric was not logged (e.g. no classes)
                 pass
     made.extend(_prediction_grid(module, datamodule, out, plots))
+    if (out / "plots" / "label_distribution.png").is_file():
+        made.append(out / "plots" / "label_distribution.png")
     if metrics_csv is not None:  # plots the algorithm's callbacks saved in the log dir (e.g. swarm.png)
         made.extend(sorted(metrics_csv.parent.glob("*.png")))
     return made
+
+
+def _describe_partition(datamodule: Any, out: Path, plot: bool) -> None:
+    """One line on what each member got, ``partition.csv`` with the whole table, and the label-distribution plot."""
+    if not hasattr(datamodule, "partition_table"):
+        return
+    table = datamodule.partition_table()
+    print(f"data: {table.summary()}")
+    table.to_csv(out / "partition.csv")
+    if plot and table.classes is not None:
+        from lightning_colearn import plots  # matplotlib only when plots are asked for
+
+        plots.plot_label_distribution(table.counts["train"], out / "plots" / "label_distribution.png",
+                                      class_names=[str(c) for c in table.classes], title="training samples per member and class")
 
 
 def _metrics_csv(trainer: L.Trainer) -> Path | None:
@@ -208,11 +273,19 @@ def _metrics_csv(trainer: L.Trainer) -> Path | None:
 
 
 def _prediction_grid(module, datamodule, out: Path, plots) -> list[Path]:
-    if not hasattr(datamodule, "test_set") or not hasattr(module, "cohort"):
+    """Member 0's predictions on 32 evaluation images (only for image data: [1 or 3, H, W] inputs and classes)."""
+    evaluation = getattr(datamodule, "eval_dataset", None)
+    if evaluation is None or not hasattr(module, "cohort") or getattr(datamodule, "num_classes", None) is None:
         return []
-    # evenly spaced over the test set, so every class shows (the embedded test split is sorted by label)
-    index = torch.linspace(0, len(datamodule.test_set) - 1, 32).long().tolist()
-    images, labels = datamodule.test_set.__getitems__(index)
+    source, indices = evaluation
+    # evenly spaced over the evaluation set, so every class shows (the embedded test split is sorted by label)
+    picked = torch.as_tensor(indices)[torch.linspace(0, len(indices) - 1, min(32, len(indices))).long()]
+    batch = source.batch(picked, datamodule.eval_transform, datamodule.collate_fn)
+    images, labels = batch[0], batch[1]
+    if datamodule.eval_batch_transform is not None:
+        images = datamodule.eval_batch_transform(images)
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
+        return []
     module.eval()
     with torch.no_grad():
         device = next(module.parameters()).device
@@ -220,8 +293,9 @@ def _prediction_grid(module, datamodule, out: Path, plots) -> list[Path]:
     if logits.ndim != 2:
         return []
     grid = out / "plots" / "predictions.png"
-    title = "member 0 on test digits (true label in brackets when wrong)"
-    return [plots.plot_predictions(images, labels, logits.argmax(1).cpu(), grid, title=title)]
+    title = "member 0 on test images (true label in brackets when wrong)"
+    names = [str(c) for c in datamodule.classes] if datamodule.classes is not None else None
+    return [plots.plot_predictions(images, labels, logits.argmax(1).cpu(), grid, title=title, class_names=names)]
 
 
 def _report(out: Path, results: dict[str, float], plots: list[Path], metrics_csv: Path | None) -> None:

@@ -90,7 +90,8 @@ class CohortModule(L.LightningModule):
             called once per member, or a list with one such callable per member. Default for plain modules: Adam, lr 1e-3. For
             LightningModule members, default: their own ``configure_optimizers``.
         lr_scheduler: ``lr_scheduler(optimizer) -> LRScheduler``, stepped per epoch, one per member.
-        num_classes: classes for accuracy metrics (default: the members' ``num_classes`` attribute, if any).
+        num_classes: classes for accuracy metrics (default: the members' ``num_classes`` attribute, if any;
+            a one-output model, ``num_classes=1``, is a regressor and gets no accuracy).
         gradient_clip_val: clip each member's gradient norm to this value separately
             (Lightning's own ``gradient_clip_val`` would clip the norm over all members at once).
         backend: ``"loop"`` (one module and one optimizer per member),
@@ -152,7 +153,9 @@ class CohortModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.gradient_clip_val = gradient_clip_val
-        self.num_classes = num_classes if num_classes is not None else _common_attr(self.cohort, "num_classes")
+        classes = num_classes if num_classes is not None else _common_attr(self.cohort, "num_classes")
+        # one output is a regressor (num_classes=1 for a regression target): no accuracy, callbacks need a criterion
+        self.num_classes = None if type(classes) is int and classes < 2 else classes
         # modules and callables stay out of hparams (a checkpoint must load with weights_only=True)
         self.save_hyperparameters(ignore=["model", "students", "loss", "optimizer", "lr_scheduler"])
 

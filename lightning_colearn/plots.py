@@ -1,4 +1,4 @@
-"""Plots as PNG files: member curves from a metrics CSV, and digit grids with predictions.
+"""Plots as PNG files: member curves from a metrics CSV, digit grids with predictions, label distributions.
 
 The only module that imports matplotlib, and only inside the functions
 (with the non-interactive Agg backend unless a notebook chose one), so
@@ -19,12 +19,14 @@ import math
 import os
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 from torch import Tensor
 
 __all__ = [
     "log_figure",
+    "plot_label_distribution",
     "plot_member_curves",
     "plot_predictions",
     "plot_rounds",
@@ -116,20 +118,33 @@ def plot_member_curves(
     return _save(fig, out)
 
 
-def plot_predictions(images: Tensor, labels: Tensor, preds: Tensor, out: str | os.PathLike, title: str | None = None):
-    """A grid of digits titled with the predicted label (red where wrong); returns ``out``."""
+def plot_predictions(images: Tensor, labels: Tensor, preds: Tensor, out: str | os.PathLike, title: str | None = None,
+                     class_names: list[str] | None = None):
+    """A grid of images (``[N, 1 or 3, H, W]``) titled with the predicted class (red where wrong); returns ``out``.
+
+    Colour images are shown min-max scaled per image (normalised inputs have no fixed range).
+    """
     plt = _pyplot()
     n = len(images)
     cols = min(8, n)
     rows = math.ceil(n / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.5 * rows), squeeze=False)
+
+    def name(k: int) -> str:
+        return str(class_names[k])[:10] if class_names is not None and 0 <= k < len(class_names) else str(k)
+
     for k, ax in enumerate(axes.flat):
         ax.axis("off")
         if k >= n:
             continue
-        ax.imshow(images[k].detach().float().cpu().squeeze(0), cmap="gray")
+        image = images[k].detach().float().cpu()
+        if image.ndim == 3 and image.shape[0] == 3:
+            low, high = image.min(), image.max()
+            ax.imshow(((image - low) / (high - low).clamp_min(1e-12)).permute(1, 2, 0).numpy())
+        else:
+            ax.imshow(image.squeeze(0).numpy(), cmap="gray")
         right = int(preds[k]) == int(labels[k])
-        ax.set_title(f"{int(preds[k])}" + ("" if right else f" ({int(labels[k])})"), color="green" if right else "red", fontsize=9)
+        ax.set_title(name(int(preds[k])) + ("" if right else f" ({name(int(labels[k]))})"), color="green" if right else "red", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -284,6 +299,183 @@ def plot_rounds(history: list[dict], out: str | os.PathLike, title: str | None =
     ax.legend(fontsize=6, ncol=3)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def plot_label_distribution(
+    counts,
+    out: str | os.PathLike,
+    *,
+    class_names: Sequence | None = None,
+    member_names: Sequence | None = None,
+    title: str | None = None,
+) -> Path:
+    """How a data set's classes are spread over the members, as one PNG of two panels; returns ``out``.
+
+    ``counts[i, c]`` is member ``i``'s number of samples of class ``c`` (an
+    int array, tensor or nested list ``[members, classes]``, e.g. what a
+    Dirichlet partition gave each client). Left: one stacked horizontal bar
+    per member, a colour per class (named in a legend up to 20 classes, on a
+    colour bar beyond). Right: the same counts as a members x classes
+    heat-map, each cell annotated with its count up to 20 x 20. Members are
+    named on the axis up to 50 of them, classes up to 50; beyond, the axes
+    show indices. flwr-datasets' ``plot_label_distributions`` draws one or
+    the other (``plot_type="bar"`` or ``"heatmap"``); here both, side by side.
+
+    Args:
+        counts: non-negative integers ``[members, classes]`` (whole-number floats are accepted).
+        out: the PNG file to write (parent directories are created).
+        class_names: one name per class (default: the class indices).
+        member_names: one name per member (default: the member indices).
+        title: the figure's title (default: ``"label distribution: <M> members, <C> classes"``).
+
+    Example:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> out = Path(tempfile.mkdtemp()) / "labels.png"
+        >>> plot_label_distribution([[30, 0, 5], [2, 40, 1]], out, class_names=["cat", "dog", "bird"]) == out
+        True
+        >>> plot_label_distribution([[1, -2]], out)
+        Traceback (most recent call last):
+            ...
+        ValueError: counts must be >= 0, got -2 (member 0, class 1)
+    """
+    import numpy as np
+
+    grid = _label_counts(counts)
+    members, classes = grid.shape
+    class_labels = _names("class_names", class_names, classes, "class", grid.shape)
+    member_labels = _names("member_names", member_names, members, "member", grid.shape)
+    if title is not None and not isinstance(title, str):
+        raise ValueError(f"title must be a str or None, got {title!r}")
+
+    from matplotlib.collections import PolyCollection
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+    from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
+
+    plt = _pyplot()
+    colors = _class_colors(classes)
+    annotate = members <= 20 and classes <= 20
+    name_members, name_classes = members <= 50, classes <= 50
+    legend = classes <= 20
+    height = min(12.0, max(3.5, 1.6 + 0.3 * members)) if name_members else 8.0
+    if legend:
+        height += 0.3 * math.ceil(classes / min(classes, 10))
+    heat_width = max(3.5, 0.38 * classes + 1.5) if annotate else min(8.0, max(4.5, 2.0 + 0.15 * classes))
+    fig, (bars, heat) = plt.subplots(1, 2, figsize=(min(18.0, 6.0 + heat_width), height), sharey=True, layout="constrained",
+                                     gridspec_kw={"width_ratios": [6.0, heat_width - 1.0]})
+
+    # left: member i's bar runs from 0 to its total, a segment per class; one collection per class, where
+    # barh() would make a patch per segment (100,000 of them for 1,000 members of 100 classes)
+    thickness = 0.8 if name_members else 1.0
+    ends = np.cumsum(grid, axis=1)
+    y = np.arange(members)
+    for c in range(classes):
+        left, right = ends[:, c] - grid[:, c], ends[:, c]
+        boxes = np.stack([np.stack([left, y - thickness / 2], 1), np.stack([right, y - thickness / 2], 1),
+                          np.stack([right, y + thickness / 2], 1), np.stack([left, y + thickness / 2], 1)], 1)
+        bars.add_collection(PolyCollection(boxes[grid[:, c] > 0], facecolors=colors[c], edgecolors="none",
+                                           antialiased=name_members))
+    bars.set_xlim(0, max(1, int(ends[:, -1].max())) * 1.02)
+    bars.set_xlabel("samples")
+    bars.set_ylabel("member")
+    bars.grid(axis="x", alpha=0.3)
+    bars.set_axisbelow(True)
+
+    # right: the heat-map (its image sets the shared y limits: member 0 on top, like the bars read)
+    # nearest: smoothing would blend neighbouring classes' cells when 1,000 members shrink to a few pixels each
+    shown = heat.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest", vmin=0, vmax=max(1, int(grid.max())))
+    fig.colorbar(shown, ax=heat, label="samples", shrink=0.9 if members > 3 else 1.0)
+    heat.set_xlabel("class")
+    if annotate:
+        cmap, norm = shown.get_cmap(), shown.norm
+        size = 8 if classes <= 10 else 6.5
+        for i in range(members):
+            for c in range(classes):
+                r, g, b, _ = cmap(norm(grid[i, c]))
+                ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
+                heat.text(c, i, str(grid[i, c]), ha="center", va="center", fontsize=size, color=ink)
+
+    if name_members:
+        bars.set_yticks(y, member_labels, fontsize=8 if members <= 20 else 6.5)
+    else:
+        bars.yaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    if name_classes:
+        tilt = classes > 12 or max(len(n) for n in class_labels) > 4
+        heat.set_xticks(range(classes), class_labels, fontsize=8 if classes <= 20 else 6.5,
+                        rotation=45 if tilt else 0, ha="right" if tilt else "center", rotation_mode="anchor")
+    else:
+        heat.xaxis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    heat.set_ylim(members - 0.5, -0.5)
+
+    if legend:
+        handles = [Patch(facecolor=colors[c], label=class_labels[c]) for c in range(classes)]
+        ncol = min(classes, 10)
+        rows = math.ceil(classes / ncol)
+        # a legend fills column by column: this order reads 0 1 2 ... along each row
+        handles = [handles[r * ncol + k] for k in range(ncol) for r in range(rows) if r * ncol + k < classes]
+        fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=8,
+                   title="class", title_fontsize=8, frameon=False)
+    else:  # too many classes to name: a colour bar of class indices under the bars
+        scale = plt.cm.ScalarMappable(norm=BoundaryNorm(np.arange(classes + 1) - 0.5, classes), cmap=ListedColormap(colors))
+        bar = fig.colorbar(scale, ax=[bars, heat], location="bottom", label="class (bar colours)", shrink=0.5, aspect=40,
+                           ticks=MaxNLocator(nbins=10, integer=True))
+        bar.minorticks_off()
+    fig.suptitle(title or f"label distribution: {members} member{'s' * (members != 1)}, "
+                          f"{classes} class{'es' * (classes != 1)}")
+    return _save(fig, out)
+
+
+def _label_counts(counts):
+    """``counts`` as a 2-D int64 numpy array of non-negative values, or a ValueError saying what was wrong."""
+    import numpy as np
+
+    if isinstance(counts, Tensor):
+        counts = counts.detach().cpu()
+        counts = counts.double() if counts.is_floating_point() else counts
+    try:
+        grid = np.asarray(counts)
+    except ValueError as err:  # numpy >= 1.24: a ragged nested list
+        raise ValueError(f"counts must be a rectangular [members, classes] array, "
+                         f"got a ragged {type(counts).__name__}: {err}") from None
+    if grid.ndim != 2 or 0 in grid.shape:
+        raise ValueError(f"counts must be 2-D [members, classes] with at least one of each, got shape {grid.shape}")
+    if grid.dtype.kind == "f":
+        whole = np.isfinite(grid) & (grid == np.round(grid))
+        if not whole.all():
+            i, c = np.argwhere(~whole)[0]
+            raise ValueError(f"counts must be whole numbers, got {grid[i, c]} (member {i}, class {c})")
+    elif grid.dtype.kind not in "iu":
+        raise ValueError(f"counts must be integers, got dtype {grid.dtype}")
+    if (grid < 0).any():
+        i, c = np.argwhere(grid < 0)[0]
+        raise ValueError(f"counts must be >= 0, got {grid[i, c]:g} (member {i}, class {c})")
+    return grid.astype(np.int64)
+
+
+def _names(argument: str, names, n: int, one: str, shape: tuple[int, int]) -> list[str]:
+    """``names`` as ``n`` strings (default ``"0"`` ... ``"n-1"``), or a ValueError naming ``argument``."""
+    if names is None:
+        return [str(k) for k in range(n)]
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__len__") or len(names) != n:
+        seen = f"{len(names)}: " if hasattr(names, "__len__") and not isinstance(names, (str, bytes)) else ""
+        shown = repr(names) if len(repr(names)) <= 80 else repr(names)[:77] + "..."
+        raise ValueError(f"{argument} must be a sequence of {n} names, one per {one} (counts has shape {shape}), "
+                         f"got {seen}{shown}")
+    return [str(name) for name in names]
+
+
+def _class_colors(classes: int) -> list:
+    """One colour per class: tab10's up to 10, tab20's dark then light shades up to 20 (neighbours differ), else a ramp."""
+    import matplotlib
+
+    if classes <= 10:
+        return [matplotlib.colormaps["tab10"](c) for c in range(classes)]
+    if classes <= 20:
+        order = [*range(0, 20, 2), *range(1, 20, 2)]
+        return [matplotlib.colormaps["tab20"](order[c]) for c in range(classes)]
+    ramp = matplotlib.colormaps["turbo"]
+    return [ramp(0.05 + 0.9 * c / (classes - 1)) for c in range(classes)]
 
 
 def log_figure(trainer, name: str, path: str | os.PathLike) -> None:

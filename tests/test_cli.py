@@ -50,6 +50,10 @@ def _mnist_on_disk() -> bool:
                for name in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz"))
 
 
+def _cifar10_on_disk() -> bool:
+    return (default_root() / "cifar-10-batches-py" / "data_batch_1").is_file()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _one_torch_thread():
     """These runs are tiny; two intra-op threads on a busy 2-core machine make them several times slower."""
@@ -87,6 +91,8 @@ def _config_files() -> list:
             marks.append(pytest.mark.skipif(not _mnist_on_disk(), reason=f"full MNIST not under {default_root()} (needs internet)"))
         if (group, name) == ("data", "fashion_mnist"):
             marks.append(pytest.mark.skipif(not FASHION_MNIST_FILE.is_file(), reason=f"{FASHION_MNIST_FILE} missing"))
+        if (group, name) == ("data", "cifar10"):
+            marks.append(pytest.mark.skipif(not _cifar10_on_disk(), reason=f"CIFAR-10 not under {default_root()} (needs internet)"))
         params.append(pytest.param(group, name, marks=marks, id=f"{group}={name}"))
     return params
 
@@ -103,6 +109,8 @@ def test_config_file_composes_and_trains(make_cfg, tmp_path, group, name):
         overrides.remove("trainer=debug")
     if (group, name) == ("data", "fashion_mnist"):
         overrides.append("data.max_train_samples=2000")
+    if (group, name) == ("data", "custom"):  # a template: the data set's _target_ is the user's to give
+        overrides += ["data.dataset._target_=lightning_colearn.data.datasets.sklearn_dataset", "+data.dataset.name=iris"]
     cfg = make_cfg(*overrides)
     results = train(cfg)
 
@@ -117,7 +125,8 @@ def test_config_file_composes_and_trains(make_cfg, tmp_path, group, name):
     if group not in ("experiment", "hparams_search"):  # (their files are @package _global_)
         touched = {o.lstrip("+").split("=")[0] for o in overrides}
         for key, value in own.items():
-            if key != "defaults" and f"{group}.{key}" not in touched and "${" not in str(value):
+            overridden = any(t == f"{group}.{key}" or t.startswith(f"{group}.{key}.") for t in touched)
+            if key != "defaults" and not overridden and "${" not in str(value):
                 assert OmegaConf.to_container(saved[group])[key] == value, f"{group}.{key}"
     metrics_csv = out / "logs" / "version_0" / "metrics.csv"
     if saved.get("logger"):  # trainer.test logs into the same file (validation may not run in 3 steps)

@@ -15,7 +15,7 @@ global model, and the record says why.
 
 Example::
 
-    dm = CohortDataModule("mnist_small", num_members=100, batch_size=20, partition="shards", labels_per_member=2)
+    dm = CohortDataModule("mnist_small", num_members=100, batch_size=20, partition="pathological", labels_per_member=2)
     trainer = L.Trainer(max_epochs=30, callbacks=[FederatedAveraging(clients_per_round=20, local_epochs=1)])
     trainer.fit(CohortModule(MLP, size=100), datamodule=dm)
 """

@@ -376,5 +376,5 @@ def test_fedavg_on_2_label_shards_reaches_060_within_60_rounds():
     fed = FederatedAveraging(clients_per_round=20, target=0.6, stop_at_target=True, max_rounds=60)
     module = CohortModule(MLP, size=100, optimizer=partial(torch.optim.Adam, lr=1e-3))
     trainer = fast_trainer(max_epochs=60, callbacks=[fed])
-    trainer.fit(module, datamodule=flexblock_dm(partition="shards", labels_per_member=2))
+    trainer.fit(module, datamodule=flexblock_dm(partition="pathological", labels_per_member=2))
     assert fed.rounds_to_target is not None and fed.rounds_to_target <= 60, [r["score"] for r in fed.history]

@@ -1,0 +1,202 @@
+"""Every algorithm on data that is not the MNIST sample, from Python and from the ``colearn`` CLI.
+
+Four data sets, none downloaded: (a) scikit-learn's bundled digits (64 tabular features, an MLP),
+(b) 3 x 32 x 32 colour images (torchvision's FakeData, the CIFAR CNN), (c) Fashion-MNIST read by
+``torchvision.datasets.FashionMNIST`` from the Debian package's files, and (d) a Hugging Face
+``Dataset.from_dict`` with string labels. Each runs independent training, the swarm, mutual
+learning, voting, FedAvg and PoFL for two short rounds; the runs must leave each algorithm's own
+record (moves, votes, rounds, blocks) and finite weights, with the model's shapes taken from the data.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from torch.utils.data import Subset
+
+from helpers import fast_trainer
+from lightning_colearn import (CohortDataModule, CohortModule, CollectiveVoting, FederatedAveraging, Ledger,
+                               MutualLearning, ParticleSwarm, ProofOfLearning)
+from lightning_colearn.cli import ConfigError, train
+from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST
+from lightning_colearn.models import MLP, CifarCNN, for_data
+
+datasets = pytest.importorskip("datasets")  # the hf extra, installed by make test
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+tv_datasets = pytest.importorskip("torchvision.datasets")
+transforms = pytest.importorskip("torchvision.transforms")
+
+ALGORITHMS = ("independent", "swarm", "mutual", "voting", "fedavg", "pofl")
+DATA = ("digits", "colour", "fashion", "hf")
+FASHION = DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz"
+needs_fashion = pytest.mark.skipif(not FASHION.is_file(), reason=f"{FASHION} missing (Debian package dataset-fashion-mnist)")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny runs: two intra-op threads on a busy 2-core machine only slow them down
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fashion_root(tmp_path_factory) -> Path:
+    """torchvision's FashionMNIST layout (``FashionMNIST/raw``, uncompressed) made from the Debian package's files."""
+    if not FASHION.is_file():
+        pytest.skip(f"{FASHION} missing")
+    root = tmp_path_factory.mktemp("torchvision")
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
+        with gzip.open(gz) as src, open(raw / gz.name[:-3], "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    return root
+
+
+# ------------------------------------------------------------- the data sets, as a user would write them
+def fashion_mnist(root: str, train: bool = True, size: int | None = None):
+    """torchvision's FashionMNIST with the usual ToTensor + Normalize (the first ``size`` samples if given)."""
+    tf = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
+    ds = tv_datasets.FashionMNIST(root, train=train, transform=tf)
+    return ds if size is None else Subset(ds, range(size))
+
+
+def hf_table(n: int = 240, seed: int = 0):
+    """A Hugging Face data set with a vector column and string labels, separable enough to learn in a few steps."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    x = rng.normal(size=(n, 8)) + 2.0 * y[:, None]
+    return datasets.Dataset.from_dict({"features": x.astype(np.float32).tolist(),
+                                       "label": [("cat", "dog", "eel")[i] for i in y]})
+
+
+def colour_images(size: int = 96):
+    return tv_datasets.FakeData(size=size, image_size=(3, 32, 32), num_classes=4, transform=transforms.ToTensor())
+
+
+def _datamodule(name: str, fashion_root: Path | None, **kwargs) -> CohortDataModule:
+    kwargs = {"num_members": 3, "batch_size": 16, "eval_batch_size": 64, "splits": (0.75, 0.25, 0.0), "seed": 0, **kwargs}
+    if name == "digits":
+        x, y = sklearn_datasets.load_digits(return_X_y=True)
+        return CohortDataModule.from_tensors(x[:300] / 16.0, y[:300], **kwargs)
+    if name == "colour":
+        return CohortDataModule(colour_images(), **kwargs)
+    if name == "fashion":
+        return CohortDataModule(fashion_mnist(str(fashion_root)), test_dataset=fashion_mnist(str(fashion_root), False, 256),
+                                max_train_samples=240, **kwargs)
+    return CohortDataModule(hf_table(), **kwargs)
+
+
+def _model(dm: CohortDataModule):
+    if dm.shapes().get("in_channels") == 3:
+        return for_data(CifarCNN, dm, channels=(8, 8), hidden=(32, 16))
+    return for_data(MLP, dm, hidden=32)
+
+
+# ---------------------------------------------------------------------------------- Python
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("name", DATA)
+def test_every_algorithm_runs_on_non_mnist_data_from_python(name, algorithm, tmp_path, request):
+    root = request.getfixturevalue("fashion_root") if name == "fashion" else None
+    dm = _datamodule(name, root, stream="shared" if algorithm == "mutual" else "per_member")
+    dm.setup("fit")
+    expected = {"digits": (64, 10), "colour": (3 * 32 * 32, 4), "fashion": (784, 10), "hf": (8, 3)}[name]
+    assert (dm.shapes()["in_features"], dm.num_classes) == expected
+    factory = _model(dm)
+    torch.manual_seed(0)
+    module = MutualLearning([factory() for _ in range(3)]) if algorithm == "mutual" else CohortModule(factory, size=3)
+    callback = {
+        "independent": None, "mutual": None,
+        "swarm": ParticleSwarm(every_n_steps=2, n_particles=3),
+        "voting": CollectiveVoting(steps_per_round=2),
+        "fedavg": FederatedAveraging(clients_per_round=2),
+        "pofl": ProofOfLearning(miners=2, clients_per_round=2, threshold=0.0, ledger=tmp_path / "ledger.db"),
+    }[algorithm]
+    trainer = fast_trainer(max_epochs=2, limit_train_batches=3, callbacks=[callback] if callback else [])
+    trainer.fit(module, datamodule=dm)
+    results = trainer.test(module, datamodule=dm, verbose=False)[0]
+
+    assert 0.0 <= results["test_acc/mean"] <= 1.0 and math.isfinite(results["test_loss/mean"])
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    if algorithm == "swarm":
+        assert [r["step"] for r in callback.history] == list(range(2, trainer.global_step + 1, 2))
+    elif algorithm == "voting":
+        assert [r["round"] for r in callback.results] == [0, 1]
+        assert all(r["voters"] == 2 and sum(v is not None for v in r["votes"]) == 2 for r in callback.results)
+    elif algorithm == "fedavg":
+        assert [len(r["clients"]) for r in callback.history] == [2, 2]
+    elif algorithm == "pofl":
+        with Ledger(tmp_path / "ledger.db") as ledger:
+            assert len(ledger) == 2 and ledger.verify()
+
+
+# -------------------------------------------------------------------------------------- CLI
+@pytest.fixture
+def make_cfg(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    GlobalHydra.instance().clear()
+
+    def _make(*overrides: str):
+        with initialize_config_module(config_module="lightning_colearn.conf", version_base="1.3"):
+            return compose(config_name="config", overrides=[f"paths.output_dir={tmp_path / 'out'}", *overrides])
+
+    yield _make
+    GlobalHydra.instance().clear()
+
+
+def _data_overrides(name: str, fashion_root: Path | None) -> list[str]:
+    if name == "digits":  # conf/data/digits.yaml: scikit-learn's bundled set through the package's factory
+        return ["data=digits", "model=mlp", "+data.max_train_samples=240"]
+    if name == "colour":  # a torchvision data set named by its _target_, the CIFAR CNN's shapes from the data
+        return ["data=custom", "data.dataset._target_=torchvision.datasets.FakeData", "+data.dataset.size=96",
+                "+data.dataset.image_size=[3,32,32]", "+data.dataset.num_classes=4",
+                "+data.dataset.transform={_target_: torchvision.transforms.ToTensor}",
+                "model=cifar_cnn", "+model.channels=[8,8]", "+model.hidden=[32,16]"]
+    if name == "fashion":  # a factory of the user's own (this module), for both the training and the test set
+        return ["data=custom", "data.dataset._target_=test_your_own_data.fashion_mnist", f"+data.dataset.root={fashion_root}",
+                "+data.test_dataset={_target_: test_your_own_data.fashion_mnist, root: " + str(fashion_root) + ", train: false, size: 256}",
+                "data.max_train_samples=240", "model=mlp"]
+    return ["data=custom", "data.dataset._target_=test_your_own_data.hf_table", "model=mlp"]
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("name", DATA)
+def test_every_algorithm_runs_on_non_mnist_data_from_the_cli(name, algorithm, make_cfg, tmp_path, request, capsys):
+    root = request.getfixturevalue("fashion_root") if name == "fashion" else None
+    extra = {"pofl": ["algorithm.miners=2", "algorithm.clients_per_round=2", "algorithm.threshold=0.0"],
+             "fedavg": ["algorithm.clients_per_round=2"], "swarm": ["algorithm.callbacks.swarm.n_particles=3"]}.get(algorithm, [])
+    cfg = make_cfg(f"algorithm={algorithm}", "cohort.size=3", *_data_overrides(name, root), *extra,
+                   "trainer=debug", "trainer.max_epochs=2", "++trainer.limit_train_batches=2", "data.batch_size=16",
+                   "data.eval_batch_size=64", "plots=false", "trainer.enable_progress_bar=false")
+    results = train(cfg)
+
+    assert 0.0 <= results["test_acc/mean"] <= 1.0 and math.isfinite(results["test_loss/mean"])
+    out = tmp_path / "out"
+    assert (out / "partition.csv").is_file() and (out / "checkpoints" / "last.ckpt").is_file()
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data: "))
+    assert line.startswith("data: 3 members; train samples min / median / max")
+    if algorithm == "pofl":
+        with Ledger(out / "ledger.db") as ledger:
+            assert len(ledger) >= 1 and ledger.verify()
+
+
+def test_cli_writes_the_label_distribution_plot_and_names_a_model_that_does_not_fit(make_cfg, tmp_path, capsys):
+    train(make_cfg("data=digits", "model=mlp", "data.partition=dirichlet", "data.alpha=0.3", "trainer=debug",
+                   "trainer.max_epochs=1", "++trainer.limit_train_batches=2", "trainer.enable_progress_bar=false"))
+    out = tmp_path / "out"
+    assert (out / "plots" / "label_distribution.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("data: "))
+    assert "classes per member" in summary and "of 10" in summary
+    with pytest.raises(ConfigError, match=r"model: ConvNet takes images \[C, H, W\].*64 features"):
+        train(make_cfg("data=digits", "model=convnet", "trainer=debug"))
+    with pytest.raises(ConfigError, match=r"model.in_features is 784 but the data gives 64"):
+        train(make_cfg("data=digits", "model=mlp", "+model.in_features=784", "trainer=debug"))
