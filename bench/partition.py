@@ -19,7 +19,11 @@ is not timed; ours sorts inside). ``NaturalIdPartitioner`` makes one partition p
 not one per member. Each flwr-datasets run is a single run in a forked process, stopped after
 ``--flwr-timeout`` seconds (their ``InnerDirichletPartitioner`` deals one sample at a time).
 
-Run: ``.venv/bin/python bench/partition.py`` (``--quick``: 60k over 100 members only; ``--no-flwr``).
+Then the training-data path (:mod:`data_path`): member-samples/s of a 12-member cohort fed from a
+generic ``Dataset`` against the in-memory tensor path and a plain PyTorch loop.
+
+Run: ``.venv/bin/python bench/partition.py`` (``--quick``: 60k over 100 members only, no data path;
+``--no-flwr``; ``--no-data-path``).
 """
 
 from __future__ import annotations
@@ -147,6 +151,7 @@ def main() -> None:
     parser.add_argument("--no-flwr", action="store_true", help="do not time flwr-datasets even if installed")
     parser.add_argument("--flwr-timeout", type=float, default=20.0,
                         help="seconds before a flwr-datasets run is stopped")
+    parser.add_argument("--no-data-path", action="store_true", help="skip the training-data path table (bench/data_path.py)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
@@ -167,8 +172,16 @@ def main() -> None:
         verdict = ("PASS" if all(ours[scheme, c] < TARGET for c in targeted) else "FAIL") if targeted else "- (--quick)"
         print(f"| {scheme} | " + " | ".join(f"{ours[scheme, c]:.4f}" for c in cases) + f" | {verdict} |")
 
-    if args.no_flwr:
-        return
+    if not args.no_flwr:
+        compare_flwr(args, cases, data, ours)
+    if not args.no_data_path and not args.quick:
+        import data_path  # the training-data path: generic Dataset vs tensors vs a plain loop
+
+        print("\nTraining-data path (bench/data_path.py):\n")
+        data_path.measure(["MLP", "ConvNet"], steps=120, repeats=3)
+
+
+def compare_flwr(args, cases, data, ours) -> None:
     try:
         import flwr_datasets
     except ImportError:

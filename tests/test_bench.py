@@ -52,3 +52,24 @@ def test_vectorised_bench_prints_its_ratios():
     row = next(line for line in result.stdout.splitlines() if line.startswith("lr ") and line.split()[1] == "2")
     ratios = [float(v) for v in row.split()[-3:]]  # loop/plain, stacked/plain, stacked/loop
     assert all(r > 0 for r in ratios)
+
+
+def test_partition_bench_prints_every_scheme():
+    result = _run(["partition.py", "--quick", "--no-flwr", "--repeats", "1"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    from lightning_colearn.data.partition import PARTITIONS
+
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| scheme")
+            and not line.startswith("| ---")]
+    assert [row[0].lstrip("| ") for row in rows] == list(PARTITIONS)
+    assert all(float(row[1]) > 0 for row in rows)
+
+
+@pytest.mark.slow
+def test_data_path_bench_prints_its_ratios():
+    result = _run(["data_path.py", "--steps", "3", "--repeats", "1", "--models", "MLP"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row.split(" | ")[1]: row for row in result.stdout.splitlines() if row.startswith("| MLP |")}
+    assert list(rows) == ["tensor path", "generic Dataset", "generic + __getitems__", "plain PyTorch loop"]
+    assert re.search(r"MLP: generic / tensor [\d.]+x \((PASS|FAIL)", result.stdout)
+    assert "GPU available" not in result.stdout + result.stderr
