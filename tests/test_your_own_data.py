@@ -13,20 +13,23 @@ from __future__ import annotations
 import gzip
 import math
 import shutil
+from functools import partial
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
-from torch.utils.data import Subset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from helpers import fast_trainer
 from lightning_colearn import (CohortDataModule, CohortModule, CollectiveVoting, FederatedAveraging, Ledger,
                                MutualLearning, ParticleSwarm, ProofOfLearning)
 from lightning_colearn.cli import ConfigError, train
 from lightning_colearn.data.datasets import DEBIAN_FASHION_MNIST
+from lightning_colearn.metrics.scoring import score
 from lightning_colearn.models import MLP, CifarCNN, for_data
 
 datasets = pytest.importorskip("datasets")  # the hf extra, installed by make test
@@ -200,3 +203,103 @@ def test_cli_writes_the_label_distribution_plot_and_names_a_model_that_does_not_
         train(make_cfg("data=digits", "model=convnet", "trainer=debug"))
     with pytest.raises(ConfigError, match=r"model.in_features is 784 but the data gives 64"):
         train(make_cfg("data=digits", "model=mlp", "+model.in_features=784", "trainer=debug"))
+
+
+# ------------------------------------------------------------------ a user's own LightningDataModule
+class DigitsDataModule(L.LightningDataModule):
+    """What a user already has: train / val / test loaders over scikit-learn's digits."""
+
+    def setup(self, stage=None):
+        x, y = sklearn_datasets.load_digits(return_X_y=True)
+        x, y = torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y)
+        self.train, self.val, self.test = (TensorDataset(x[a:b], y[a:b]) for a, b in ((0, 1200), (1200, 1500), (1500, 1797)))
+
+    def train_dataloader(self):
+        return DataLoader(self.train, batch_size=32, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(self.val, batch_size=100)
+
+    def test_dataloader(self):
+        return DataLoader(self.test, batch_size=100)
+
+
+def test_voting_and_fedavg_run_on_a_users_own_datamodule():
+    """The callbacks that need per-member data (votes) and a shared evaluation set (the server) run on it unchanged."""
+    user_dm = DigitsDataModule()
+    dm = CohortDataModule.from_datamodule(user_dm, num_members=4, partition="dirichlet", alpha=1.0, splits=(0.8, 0.2, 0.0))
+    dm.setup("fit")
+    assert dm.batch_size == 32 and sum(dm.member_sizes("train")) + sum(dm.member_sizes("vote")) == 1200
+    torch.manual_seed(0)
+    voting = CollectiveVoting(steps_per_round=5)
+    module = CohortModule(for_data(MLP, dm, hidden=32), size=4, optimizer=partial(torch.optim.Adam, lr=1e-2))
+    fast_trainer(max_epochs=4, callbacks=[voting]).fit(module, datamodule=dm)
+    assert len(voting.results) == 4 and any(r["accepted"] for r in voting.results)
+
+    fed = FederatedAveraging(clients_per_round=2)
+    module = CohortModule(for_data(MLP, dm, hidden=32), size=4, optimizer=partial(torch.optim.Adam, lr=1e-2))
+    fast_trainer(max_epochs=3, callbacks=[fed]).fit(module, datamodule=dm)
+    # the server scores the global model on the user's own validation loader
+    from torchmetrics.classification import MulticlassAccuracy
+
+    own = score(module.cohort[0], user_dm.val_dataloader(), MulticlassAccuracy(num_classes=10, average="micro"), torch.device("cpu"))
+    assert fed.history[-1]["score"] == pytest.approx(own) and own > 0.5
+
+
+# ------------------------------------------------------------------ other tasks: regression, token sequences
+def test_regression_targets_with_a_size_skewed_partition_and_a_lower_is_better_vote():
+    from torch.nn import functional as F
+    from torchmetrics.regression import MeanSquaredError
+
+    x, y = sklearn_datasets.load_diabetes(return_X_y=True)
+    dm = CohortDataModule.from_tensors((x - x.mean(0)) / x.std(0), (y - y.mean()) / y.std(), num_members=3,
+                                       partition="linear", splits=(0.7, 0.3, 0.0), batch_size=16)
+    dm.setup("fit")
+    assert dm.task == "regression" and dm.num_classes is None and "num_classes" not in dm.shapes()
+    sizes = [t + v for t, v in zip(dm.member_sizes("train"), dm.member_sizes("vote"))]
+    assert sizes == sorted(sizes) and sizes[0] < sizes[-1]  # linear size skew: member i gets a share ~ i + 1
+    assert next(iter(dm.eval_dataloader()))[1].shape[1:] == (1,)  # [B, 1]: what a one-output model gives
+    with pytest.raises(ValueError, match=r"data.partition='dirichlet' needs class labels, but the data set has regression targets"):
+        CohortDataModule.from_tensors(x, y, num_members=3, partition="dirichlet").setup("fit")
+
+    torch.manual_seed(0)
+    voting = CollectiveVoting(criterion=MeanSquaredError(), steps_per_round=5)
+    assert voting.maximize is False
+    module = CohortModule(for_data(MLP, dm, hidden=16, num_classes=1), size=3, loss=F.mse_loss,
+                          optimizer=partial(torch.optim.Adam, lr=1e-2))
+    assert module.num_classes is None  # one output: a regressor, no accuracy
+    fast_trainer(max_epochs=4, callbacks=[voting]).fit(module, datamodule=dm)
+    accepted = [r for r in voting.results if r["accepted"]]
+    assert accepted, voting.results
+    for r in accepted:  # a yes vote means a lower error on the voter's own data
+        for j, vote in enumerate(r["votes"]):
+            if vote:
+                assert r["scores"][j] < r["current"][j]
+    results = fast_trainer(max_epochs=1).test(module, datamodule=dm, verbose=False)[0]
+    assert results["test_loss/mean"] < 1.0  # targets are standardised: a constant guess scores ~1
+
+
+def test_token_sequences_with_padding_collate_and_an_embedding_model():
+    from lightning_colearn.models import EmbeddingBagClassifier
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 9, 160)
+    y = rng.integers(0, 2, 160)
+    # class 1 sequences use tokens 11-20, class 0 tokens 1-10: ragged lists, as a tokenizer gives them
+    rows = [(rng.integers(1, 11, n) + 10 * c).tolist() for n, c in zip(lengths, y)]
+    ds = datasets.Dataset.from_dict({"input_ids": rows, "label": y.tolist()})
+
+    def pad(samples):
+        width = max(len(x) for x, _ in samples)
+        ids = torch.tensor([x + [0] * (width - len(x)) for x, _ in samples])
+        return ids, torch.stack([t for _, t in samples])
+
+    dm = CohortDataModule(ds, num_members=2, collate_fn=pad, batch_size=16, splits=(1.0, 0.0, 0.0), seed=0)
+    dm.setup("fit")
+    x, _ = next(iter(dm.train_dataloader()))[0][0]
+    assert x.dtype == torch.int64 and x.ndim == 2
+    torch.manual_seed(0)
+    module = CohortModule(partial(EmbeddingBagClassifier, vocab_size=21, embed_dim=8, num_classes=2), size=2,
+                          optimizer=partial(torch.optim.Adam, lr=0.05))
+    fast_trainer(max_epochs=3).fit(module, datamodule=dm)
+    assert fast_trainer().test(module, datamodule=dm, verbose=False)[0]["test_acc/mean"] > 0.9
