@@ -70,6 +70,6 @@ def test_data_path_bench_prints_its_ratios():
     result = _run(["data_path.py", "--steps", "3", "--repeats", "1", "--models", "MLP"])
     assert result.returncode == 0, result.stderr[-2000:]
     rows = {row.split(" | ")[1]: row for row in result.stdout.splitlines() if row.startswith("| MLP |")}
-    assert list(rows) == ["tensor path", "generic Dataset", "generic + __getitems__", "plain PyTorch loop"]
+    assert list(rows) == ["tensor path", "generic Dataset", "generic + __getitems__", "generic, in_memory", "plain PyTorch loop"]
     assert re.search(r"MLP: generic / tensor [\d.]+x \((PASS|FAIL)", result.stdout)
     assert "GPU available" not in result.stdout + result.stderr

@@ -54,7 +54,7 @@ from lightning_colearn._checks import is_int_at_least
 from lightning_colearn.data.datasets import DATASETS, preset
 from lightning_colearn.data.loaders import Batches, EpochShuffleSampler, make_loader
 from lightning_colearn.data.partition import LABEL_SCHEMES, PARTITIONS, partition, split_member
-from lightning_colearn.data.sources import TASKS, Source, TensorSource, as_source, find_labels, resolve_targets
+from lightning_colearn.data.sources import TASKS, Source, TensorSource, as_source, find_labels, resolve_targets, to_memory
 from lightning_colearn.data.table import PartitionTable
 
 __all__ = ["CohortDataModule", "EpochShuffleSampler", "SPLITS", "STREAMS"]
@@ -107,6 +107,9 @@ class CohortDataModule(L.LightningDataModule):
             (in the loader, so votes and the server's evaluation see what Lightning's loops see).
         collate_fn: collates a list of ``(x, y)`` samples into a batch (e.g. padding sequences); tensor data
             then gives up its one-gather batches.
+        in_memory: read every sample of a non-tensor data set once at setup into tensors (its own
+            transforms run once), so training gathers batches as tensor data does; for data sets whose
+            samples do not change from read to read (put random augmentation in ``train_transform``).
         cache_eval: MiB of evaluation, vote and held-out batches of a non-tensor data set kept in memory
             after their first read (they are read again every round; needs a deterministic
             ``eval_transform``); 0 reads them every time.
@@ -143,6 +146,7 @@ class CohortDataModule(L.LightningDataModule):
         train_batch_transform: Callable | None = None,
         eval_batch_transform: Callable | None = None,
         collate_fn: Callable | None = None,
+        in_memory: bool = False,
         cache_eval: int = 512,
     ) -> None:
         super().__init__()
@@ -162,7 +166,7 @@ class CohortDataModule(L.LightningDataModule):
         self.min_size, self.self_balancing, self.sizes, self.groups = min_size, self_balancing, sizes, groups
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.train_batch_transform, self.eval_batch_transform = train_batch_transform, eval_batch_transform
-        self.collate_fn, self.cache_eval = collate_fn, cache_eval
+        self.collate_fn, self.cache_eval, self.in_memory = collate_fn, cache_eval, in_memory
         self._wrapped: L.LightningDataModule | None = dataset if isinstance(dataset, L.LightningDataModule) else None
         self._batch_size_given = True
         self._wrapped_stages: set[str] = set()
@@ -219,6 +223,8 @@ class CohortDataModule(L.LightningDataModule):
         if self._members is not None:
             return
         train, test = self._sources()
+        if self.in_memory:
+            train, test = to_memory(train, self.num_workers), None if test is None else to_memory(test, self.num_workers)
         pool = np.arange(len(train))
         if test is None and self._wrapped is None and self.test_fraction > 0:
             held = np.random.default_rng([self.seed, 104_729]).permutation(len(train))
@@ -546,8 +552,9 @@ def _check_arguments(args: dict[str, Any]) -> list[str]:
     if args["partition"] in ("dirichlet", "inner_dirichlet") and (
             isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < math.inf):
         errors.append(f"data.alpha must be a finite number > 0 for the {args['partition']} partition, got {alpha!r}")
-    if not isinstance(args["self_balancing"], bool):
-        errors.append(f"data.self_balancing must be True or False, got {args['self_balancing']!r}")
+    for flag in ("self_balancing", "in_memory"):
+        if not isinstance(args[flag], bool):
+            errors.append(f"data.{flag} must be True or False, got {args[flag]!r}")
     if args["partition"] == "sizes" and args["sizes"] is None:
         errors.append("data.sizes is needed by partition='sizes': one sample count (or fraction) per member")
     for field in ("train_transform", "eval_transform", "train_batch_transform", "eval_batch_transform", "collate_fn"):

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import ConcatDataset, Dataset, IterableDataset, Subset, TensorDataset, default_collate
 
-__all__ = ["SampleSource", "Source", "TASKS", "TensorSource", "as_source", "find_labels", "resolve_targets"]
+__all__ = ["SampleSource", "Source", "TASKS", "TensorSource", "as_source", "find_labels", "resolve_targets", "to_memory"]
 
 TASKS = ("auto", "classification", "regression")
 #: Label attributes looked up on a data set (torchvision: ``targets``; SVHN and others: ``labels``).
@@ -224,6 +224,52 @@ class SampleSource(Source):
             xs = [transform(x) for x in xs]
         ys = self.targets.index_select(0, flat)
         return [(default_collate(xs[a:b]), ys[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def to_memory(source: Source, num_workers: int = 0) -> TensorSource:
+    """Every sample of ``source`` read once into a :class:`TensorSource` (the data set's own transforms run here, once).
+
+    For data sets whose samples are the same on every read (no random augmentation inside the
+    data set: give that to ``train_transform``, which then runs per batch row): training then
+    gathers batches as tensor data does, instead of reading samples every step.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> plain = as_source(torch.utils.data.Subset(TensorDataset(torch.randn(5, 2), torch.arange(5)), [4, 0]))
+        >>> memory = to_memory(plain)
+        >>> type(memory).__name__, memory.inputs.shape, memory.targets.tolist()
+        ('TensorSource', torch.Size([2, 2]), [4, 0])
+    """
+    if isinstance(source, TensorSource):
+        return source
+    if source.targets is None:
+        raise ValueError("data.in_memory needs the data set's labels (labels=...): its samples carry none to keep")
+    loader = torch.utils.data.DataLoader(_Inputs(source), batch_size=512, num_workers=num_workers, collate_fn=_stack_inputs)
+    inputs = torch.cat(list(loader))
+    memory = TensorSource(inputs, source.targets, task=source.task or "auto")
+    memory._set_targets((source.targets, source.classes, source.task))
+    return memory
+
+
+class _Inputs(Dataset):
+    """A sample source's inputs only, as tensors (a class, not a closure: DataLoader workers pickle it)."""
+
+    def __init__(self, source: SampleSource) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return torch.as_tensor(self.source._input(self.source.dataset[index]))
+
+
+def _stack_inputs(inputs: list[Tensor]) -> Tensor:
+    shapes = {tuple(x.shape) for x in inputs}
+    if len(shapes) > 1:
+        raise ValueError(f"data.in_memory needs inputs of one shape to stack, got shapes {sorted(shapes)[:3]}; "
+                         "leave in_memory off (or pad them in a transform)")
+    return torch.stack(inputs)
 
 
 # ------------------------------------------------------------------ building

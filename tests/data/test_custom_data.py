@@ -250,6 +250,39 @@ def test_torchvision_fashion_mnist_equals_the_preset(fashion_root, stream):
     _assert_same_batches(_take(mine.vote_dataloader(1), 1), _take(preset.vote_dataloader(1), 1))
 
 
+def test_in_memory_reads_once_and_gives_the_same_batches(fashion_root):
+    from torch.utils.data import Subset
+    from torchvision import datasets, transforms
+
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((0.2860,), (0.3530,))])
+    train = Subset(datasets.FashionMNIST(str(fashion_root), train=True, transform=to_tensor), range(1500))
+    common = dict(num_members=3, partition="pathological", labels_per_member=3, seed=1, batch_size=32)
+    read = _setup(CohortDataModule(train, **common))
+    held = _setup(CohortDataModule(train, in_memory=True, **common))
+    assert isinstance(held.train_set, TensorSource) and not isinstance(read.train_set, TensorSource)
+    assert held.classes == read.classes and held.shapes() == read.shapes()
+    for i in range(3):
+        assert np.array_equal(held.member_split(i, "train"), read.member_split(i, "train"))
+    _assert_same_batches(_take(held.train_dataloader(), 3), _take(read.train_dataloader(), 3))
+    _assert_same_batches(_take(held.eval_dataloader(), 2), _take(read.eval_dataloader(), 2))
+
+
+def test_in_memory_refuses_ragged_inputs_and_unlabelled_samples():
+    class Ragged(Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return torch.zeros(2 + i % 2), i % 2
+
+    with pytest.raises(ValueError, match=r"in_memory needs inputs of one shape to stack, got shapes \[\(2,\), \(3,\)\]"):
+        CohortDataModule(Ragged(), num_members=2, in_memory=True, test_fraction=0.0, splits=(1.0, 0.0, 0.0)).setup("fit")
+    with pytest.raises(ValueError, match="in_memory needs the data set's labels"):
+        CohortDataModule(BareInputs(), num_members=2, in_memory=True, splits=(1.0, 0.0, 0.0)).setup("fit")
+    with pytest.raises(ValueError, match="data.in_memory must be True or False, got 'yes'"):
+        CohortDataModule(num_members=2, in_memory="yes")
+
+
 # ------------------------------------------------------------------ from_datamodule
 class UserDataModule(L.LightningDataModule):
     """A user's own DataModule: TensorDatasets, batch size 16, a collate_fn that counts its calls."""
