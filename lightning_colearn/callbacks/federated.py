@@ -27,7 +27,6 @@ import time
 from typing import Any
 
 import lightning as L
-import torch
 from torch import Tensor
 
 from lightning_colearn.callbacks.rounds import ClientRounds

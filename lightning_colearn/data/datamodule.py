@@ -54,7 +54,7 @@ from lightning_colearn._checks import is_int_at_least
 from lightning_colearn.data.datasets import DATASETS, preset
 from lightning_colearn.data.loaders import Batches, EpochShuffleSampler, make_loader
 from lightning_colearn.data.partition import LABEL_SCHEMES, PARTITIONS, partition, split_member
-from lightning_colearn.data.sources import TASKS, Source, TensorSource, as_source, find_labels, resolve_targets, to_memory
+from lightning_colearn.data.sources import TASKS, Source, as_source, find_labels, to_memory
 from lightning_colearn.data.table import PartitionTable
 
 __all__ = ["CohortDataModule", "EpochShuffleSampler", "SPLITS", "STREAMS"]

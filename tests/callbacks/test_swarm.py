@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 from functools import partial
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from torch import nn
 from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset, default_collate
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_colearn.data.loaders import Batches, EpochShuffleSampler, make_loader
 from lightning_colearn.data.sources import SampleSource, TensorSource, as_source
