@@ -34,6 +34,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from lightning_colearn.callbacks.checkpoint import EpochCheckpoint
 from lightning_colearn.data.datasets import DatasetNotFoundError
@@ -315,6 +316,9 @@ def _instantiate(node: Any, field: str, *args: Any, **kwargs: Any) -> Any:
     # config mistake, reported under the config field that caused it.
     try:
         return instantiate(node, *args, **kwargs)
+    except MissingMandatoryValue as err:  # a ??? the user must fill in (data=custom's data set)
+        raise ConfigError(f"{err.full_key} is not set (??? in the config): give it on the command line, "
+                          f"e.g. {err.full_key}=<value>, or in an experiment file") from err
     except InstantiationException as err:
         raise ConfigError(_named(field, err.__cause__ or err)) from err
     except (ValueError, TypeError, MisconfigurationException) as err:

@@ -10,9 +10,7 @@ record (moves, votes, rounds, blocks) and finite weights, with the model's shape
 
 from __future__ import annotations
 
-import gzip
 import math
-import shutil
 from functools import partial
 from pathlib import Path
 
@@ -49,20 +47,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)  # tiny runs: two intra-op threads on a busy 2-core machine only slow them down
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def fashion_root(tmp_path_factory) -> Path:
-    """torchvision's FashionMNIST layout (``FashionMNIST/raw``, uncompressed) made from the Debian package's files."""
-    if not FASHION.is_file():
-        pytest.skip(f"{FASHION} missing")
-    root = tmp_path_factory.mktemp("torchvision")
-    raw = root / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for gz in DEBIAN_FASHION_MNIST.glob("*-ubyte.gz"):
-        with gzip.open(gz) as src, open(raw / gz.name[:-3], "wb") as dst:
-            shutil.copyfileobj(src, dst)
-    return root
 
 
 # ------------------------------------------------------------- the data sets, as a user would write them
@@ -156,11 +140,11 @@ def make_cfg(tmp_path, monkeypatch):
     GlobalHydra.instance().clear()
 
 
-def _data_overrides(name: str, fashion_root: Path | None) -> list[str]:
+def _data_overrides(name: str, fashion_root: Path | None, size: int = 96) -> list[str]:
     if name == "digits":  # conf/data/digits.yaml: scikit-learn's bundled set through the package's factory
         return ["data=digits", "model=mlp", "+data.max_train_samples=240"]
     if name == "colour":  # a torchvision data set named by its _target_, the CIFAR CNN's shapes from the data
-        return ["data=custom", "data.dataset._target_=torchvision.datasets.FakeData", "+data.dataset.size=96",
+        return ["data=custom", "data.dataset._target_=torchvision.datasets.FakeData", f"+data.dataset.size={size}",
                 "+data.dataset.image_size=[3,32,32]", "+data.dataset.num_classes=4",
                 "+data.dataset.transform={_target_: torchvision.transforms.ToTensor}",
                 "model=cifar_cnn", "+model.channels=[8,8]", "+model.hidden=[32,16]"]
@@ -201,6 +185,8 @@ def test_cli_writes_the_label_distribution_plot_and_names_a_model_that_does_not_
     assert "classes per member" in summary and "of 10" in summary
     with pytest.raises(ConfigError, match=r"model: ConvNet takes images \[C, H, W\].*64 features"):
         train(make_cfg("data=digits", "model=convnet", "trainer=debug"))
+    with pytest.raises(ConfigError, match=r"data.dataset._target_ is not set \(\?\?\? in the config\)"):
+        train(make_cfg("data=custom", "trainer=debug"))
     with pytest.raises(ConfigError, match=r"model.in_features is 784 but the data gives 64"):
         train(make_cfg("data=digits", "model=mlp", "+model.in_features=784", "trainer=debug"))
 
@@ -303,3 +289,13 @@ def test_token_sequences_with_padding_collate_and_an_embedding_model():
                           optimizer=partial(torch.optim.Adam, lr=0.05))
     fast_trainer(max_epochs=3).fit(module, datamodule=dm)
     assert fast_trainer().test(module, datamodule=dm, verbose=False)[0]["test_acc/mean"] > 0.9
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml")))
+def test_every_experiment_runs_on_custom_data(experiment, make_cfg):
+    """data=custom composes with every experiment file (their data overrides are data keys every data config has)."""
+    cfg = make_cfg(f"experiment={experiment}", *_data_overrides("colour", None, size=400)[:-3],
+                   "trainer=debug", "trainer.max_epochs=1", "++trainer.limit_train_batches=2", "++trainer.max_steps=2",
+                   "++trainer.limit_val_batches=1", "data.eval_batch_size=40", "plots=false", "trainer.enable_progress_bar=false")
+    results = train(cfg)
+    assert 0.0 <= results["test_acc/mean"] <= 1.0 and math.isfinite(results["test_loss/mean"])

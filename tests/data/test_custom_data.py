@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import gzip
 from functools import partial
 from pathlib import Path
 
@@ -215,20 +214,6 @@ def test_sizes_partition_passes_member_sizes_through():
 
 
 # ------------------------------------------------------------------ Fashion-MNIST: torchvision == preset
-@pytest.fixture(scope="module")
-def fashion_root(tmp_path_factory) -> Path:
-    if not all((FASHION / f"{n}.gz").is_file() for n in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-                                                          "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")):
-        pytest.skip(f"Fashion-MNIST IDX files not in {FASHION}")
-    root = tmp_path_factory.mktemp("fashion")
-    raw = root / "FashionMNIST" / "raw"  # torchvision's layout, uncompressed
-    raw.mkdir(parents=True)
-    for gz in FASHION.glob("*-ubyte.gz"):
-        with gzip.open(gz, "rb") as f:
-            (raw / gz.stem).write_bytes(f.read())
-    return root
-
-
 @pytest.mark.parametrize("stream", ["per_member", "shared"])
 def test_torchvision_fashion_mnist_equals_the_preset(fashion_root, stream):
     from torchvision import datasets, transforms
