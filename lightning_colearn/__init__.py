@@ -23,6 +23,7 @@ _EXPORTS = {
     "MutualLearning": "lightning_colearn.mutual",
     "ParticleSwarm": "lightning_colearn.callbacks",
     "ProofOfLearning": "lightning_colearn.callbacks",
+    "SCAFFOLD": "lightning_colearn.callbacks",
     "StackedModel": "lightning_colearn.stacked",
     "StackedOptimizer": "lightning_colearn.optim",
 }

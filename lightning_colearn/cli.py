@@ -42,7 +42,7 @@ from lightning_colearn._checks import is_int_at_least
 
 __all__ = ["ConfigError", "main", "train", "validate_config"]
 
-ALGORITHMS = ("independent", "swarm", "mutual", "voting", "fedavg", "pofl")
+ALGORITHMS = ("independent", "swarm", "mutual", "voting", "fedavg", "scaffold", "pofl")
 
 # conf/hydra/launcher/joblib.yaml shadows the joblib plugin's config of that name on purpose (so that
 # `hydra/launcher=joblib` runs 2 jobs at a time) and lists every field itself; Hydra's notice that it
@@ -168,6 +168,11 @@ def _model(node: Any, field: str, shapes: dict[str, Any]) -> Any:
         elif _as_shape(given[key]) != _as_shape(value):
             raise ConfigError(f"{field}.{key} is {given[key]!r} but the data gives {value!r}; drop {field}.{key} from the "
                               "config (it comes from the data) or change the data")
+    vocabulary = accepted.get("vocab_size")
+    if vocabulary is not None and vocabulary.default is inspect.Parameter.empty and given.get("vocab_size") is None \
+            and "vocab_size" not in shapes:
+        raise ConfigError(f"{field}: {getattr(target, '__name__', target)} takes token ids [B, L] (integers), but the data's "
+                          f"inputs are not integer token sequences held as tensors; set {field}.vocab_size or pick another model")
     image_args = {"in_channels", "image_size"} & set(accepted)
     if image_args and "in_channels" not in shapes and all(given.get(k) is None for k in image_args):
         raise ConfigError(f"{field}: {getattr(target, '__name__', target)} takes images [C, H, W], but the data's inputs have "

@@ -216,12 +216,15 @@ class ConvNet(nn.Module):
         in_channels: image channels.
         image_size: ``H`` of square images or ``(H, W)``; stored as ``(H, W)``.
         num_classes: the number of logits.
+        batch_norm: a BatchNorm after each convolution (``bn1``, ``bn2``), e.g. for FedBN's local
+            statistics; off by default (the original has none, and its weights stay as they were).
     """
 
     #: conv 5, max-pool 2, conv 3 as (kernel, stride, padding)
     _STAGES: tuple[_Stage, ...] = ((5, 1, 0), (2, 2, 0), (3, 1, 0))
 
-    def __init__(self, in_channels: int = 1, image_size: int | tuple[int, int] = 28, num_classes: int = 10) -> None:
+    def __init__(self, in_channels: int = 1, image_size: int | tuple[int, int] = 28, num_classes: int = 10,
+                 batch_norm: bool = False) -> None:
         super().__init__()
         name = type(self).__name__
         self.in_channels = _positive_int(name, "in_channels", in_channels)
@@ -231,9 +234,17 @@ class ConvNet(nn.Module):
         self.conv1 = nn.Conv2d(self.in_channels, 10, kernel_size=5)  # 28 -> 24, pool -> 12
         self.conv2 = nn.Conv2d(10, 20, kernel_size=3)  # 12 -> 10: 20 * 10 * 10 = 2000
         self.fc = nn.Linear(20 * h * w, self.num_classes)
+        if not isinstance(batch_norm, bool):
+            raise ValueError(f"{name}: batch_norm must be True or False, got {batch_norm!r}")
+        self.batch_norm = batch_norm
+        if batch_norm:  # created after the original layers: their initial weights do not change
+            self.bn1, self.bn2 = nn.BatchNorm2d(10), nn.BatchNorm2d(20)
 
     def forward(self, x: Tensor) -> Tensor:
         _check_images(self, x)
+        if self.batch_norm:
+            x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 2)
+            return self.fc(F.relu(self.bn2(self.conv2(x))).flatten(1))
         x = F.max_pool2d(F.relu(self.conv1(x)), 2)
         x = F.relu(self.conv2(x))
         return self.fc(x.flatten(1))

@@ -7,6 +7,10 @@ members would stop after 21 batches) and a ``GradScaler`` would run
 Behind one :class:`CohortOptimizer` Lightning counts one step per batch, the
 scaler unscales every member once, and checkpoints hold every member's state.
 
+The module ends with the federated server optimizers :class:`FedAdam`,
+:class:`FedYogi` and :class:`FedAdagrad`, which step a global model on the
+round's pseudo-gradient (see :mod:`lightning_colearn.functional.server`).
+
 Example:
     >>> import torch
     >>> members = [torch.nn.Linear(2, 1) for _ in range(3)]
@@ -27,8 +31,16 @@ from torch.optim import Optimizer
 
 from lightning_colearn._checks import is_int_at_least, member_index
 from lightning_colearn.functional import stacked as FS
+from lightning_colearn.functional.server import (
+    _check_betas,
+    _check_decay,
+    _check_positive,
+    fedadagrad_step_,
+    fedadam_step_,
+    fedyogi_step_,
+)
 
-__all__ = ["STACKED_OPTIMIZERS", "CohortOptimizer", "StackedOptimizer"]
+__all__ = ["STACKED_OPTIMIZERS", "CohortOptimizer", "FedAdagrad", "FedAdam", "FedYogi", "StackedOptimizer"]
 
 
 class CohortOptimizer(Optimizer):
@@ -437,3 +449,221 @@ def _stepped_members(members: Sequence[int] | None, n: int) -> list[int] | None:
         raise ValueError("step(members=...) needs at least one member index, got none (pass members=None for all)")
     picked = sorted({member_index(m, n) for m in members})
     return None if picked == list(range(n)) else picked
+
+
+# ------------------------------------------------------------ server optimizers
+class _AdaptiveServerOptimizer(Optimizer):
+    """FedAdam, FedYogi and FedAdagrad: one step a round on the pseudo-gradient set as ``p.grad``.
+
+    Every parameter's state is ``exp_avg`` (``m``, starting at 0) and the
+    second moment (``v``, starting at ``tau**2``), tensors of the parameter's
+    shape and dtype in ``self.state[p]``, so ``state_dict()`` /
+    ``load_state_dict()`` carry them and a resumed server continues exactly.
+    The step itself is a function of :mod:`lightning_colearn.functional.server`.
+    """
+
+    _second_moment = "exp_avg_sq"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)  # fills the defaults, refuses a parameter held twice
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+            for k, p in enumerate(group["params"]):
+                if not p.is_floating_point():
+                    raise TypeError(f"{type(self).__name__} steps floating parameters only; parameter {k} is {p.dtype}")
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _step_group(self, group: dict[str, Any], params: list, grads: list, exp_avgs: list, seconds: list) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Run ``closure`` once, then one server step for every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, exp_avgs, seconds = [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                if not state:  # m_{-1} = 0 and v_{-1} = tau^2 (Reddi et al.: v_{-1} >= tau^2)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[self._second_moment] = torch.full_like(
+                        p, float(group["tau"]) ** 2, memory_format=torch.preserve_format
+                    )
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                seconds.append(state[self._second_moment])
+            if params:
+                self._step_group(group, params, grads, exp_avgs, seconds)
+        return loss
+
+
+class FedAdam(_AdaptiveServerOptimizer):
+    """FedAdam: Adam on the server's pseudo-gradient (Reddi et al., 2021, "Adaptive Federated Optimization", Algorithm 2).
+
+    With ``g = x - aggregate`` (the paper's ``-Delta_t``), per coordinate::
+
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g**2
+        x = x - lr * m / (sqrt(v) + tau)
+
+    Args:
+        params: the global model's parameters (or param groups).
+        lr: the server learning rate ``eta > 0``; the paper tunes it per task
+            on a grid, so the default 1e-2 is a starting point only.
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``; ``(0.9, 0.99)`` as in
+            the paper's experiments.
+        tau: the adaptivity ``tau > 0``, which bounds the step where ``v`` is
+            small (the smaller, the more adaptive); 1e-3, around where the
+            paper's experiments put it.
+
+    The server sets each parameter's ``grad`` to the pseudo-gradient
+    ``g = x - aggregate`` (:func:`~lightning_colearn.functional.server.pseudo_gradient`)
+    and calls ``step()`` once a round. No bias correction: the paper has
+    none. The arithmetic is float64, written back in the parameter's dtype;
+    the state has the parameter's dtype, as in ``torch.optim`` (for a
+    float16 model ``tau**2 = 1e-6`` is a float16 subnormal, about 1% off).
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.zeros(2))            # the global model
+        >>> server = FedAdam([w], lr=0.1)
+        >>> aggregate = [torch.tensor([1.0, -2.0])]            # e.g. fedavg of the clients' models
+        >>> from lightning_colearn.functional import pseudo_gradient
+        >>> w.grad = pseudo_gradient([w], aggregate)[0]
+        >>> server.step(); w.data                             # about lr * sign(aggregate - x)
+        tensor([ 0.0990, -0.0995])
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99), tau: float = 1e-3) -> None:
+        _check_positive("lr", lr)
+        _check_betas(betas)
+        _check_positive("tau", tau)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "tau": tau})
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        _check_positive("lr", group["lr"])
+        _check_betas(group["betas"])
+        _check_positive("tau", group["tau"])
+
+    def _step_group(self, group: dict[str, Any], params: list, grads: list, exp_avgs: list, seconds: list) -> None:
+        beta1, beta2 = _check_betas(group["betas"])
+        fedadam_step_(params, grads, exp_avgs, seconds, lr=group["lr"], beta1=beta1, beta2=beta2, tau=group["tau"])
+
+
+class FedYogi(_AdaptiveServerOptimizer):
+    """FedYogi: Yogi on the server's pseudo-gradient (Reddi et al., 2021, Algorithm 2; Yogi: Zaheer et al., 2018).
+
+    With ``g = x - aggregate`` (the paper's ``-Delta_t``), per coordinate::
+
+        m = beta1 * m + (1 - beta1) * g
+        v = v - (1 - beta2) * g**2 * sign(v - g**2)
+        x = x - lr * m / (sqrt(v) + tau)
+
+    Yogi's ``v`` changes by ``(1 - beta2) * g**2`` a round where Adam's changes
+    by ``(1 - beta2) * |v - g**2|``: after large pseudo-gradients followed by
+    small ones, Yogi's effective learning rate grows back more slowly.
+
+    Args:
+        params: the global model's parameters (or param groups).
+        lr: the server learning rate ``eta > 0``; tuned per task in the paper, 1e-2 is a start.
+        betas: ``(beta1, beta2)``, each in ``[0, 1)``; ``(0.9, 0.99)`` as in
+            the paper's experiments.
+        tau: the adaptivity ``tau > 0``; 1e-3, around where the paper's experiments put it.
+
+    The server sets each parameter's ``grad`` to the pseudo-gradient
+    ``g = x - aggregate`` (:func:`~lightning_colearn.functional.server.pseudo_gradient`)
+    and calls ``step()`` once a round. No bias correction: the paper has
+    none. The arithmetic is float64, written back in the parameter's dtype;
+    the state has the parameter's dtype, as in ``torch.optim`` (for a
+    float16 model ``tau**2 = 1e-6`` is a float16 subnormal, about 1% off).
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.zeros(2))
+        >>> server = FedYogi([w], lr=0.1)
+        >>> w.grad = torch.tensor([-1.0, 2.0])                # x - aggregate
+        >>> server.step(); server.state[w]["exp_avg_sq"]      # tau^2 + 0.01 * g^2
+        tensor([0.0100, 0.0400])
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99), tau: float = 1e-3) -> None:
+        _check_positive("lr", lr)
+        _check_betas(betas)
+        _check_positive("tau", tau)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "tau": tau})
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        _check_positive("lr", group["lr"])
+        _check_betas(group["betas"])
+        _check_positive("tau", group["tau"])
+
+    def _step_group(self, group: dict[str, Any], params: list, grads: list, exp_avgs: list, seconds: list) -> None:
+        beta1, beta2 = _check_betas(group["betas"])
+        fedyogi_step_(params, grads, exp_avgs, seconds, lr=group["lr"], beta1=beta1, beta2=beta2, tau=group["tau"])
+
+
+class FedAdagrad(_AdaptiveServerOptimizer):
+    """FedAdagrad: Adagrad with momentum on the server's pseudo-gradient (Reddi et al., 2021, Algorithm 2).
+
+    With ``g = x - aggregate`` (the paper's ``-Delta_t``), per coordinate::
+
+        m = beta1 * m + (1 - beta1) * g
+        v = v + g**2
+        x = x - lr * m / (sqrt(v) + tau)
+
+    The state's second moment is ``sum_sq`` (a sum, not an average).
+
+    Args:
+        params: the global model's parameters (or param groups).
+        lr: the server learning rate ``eta > 0``; tuned per task in the paper, 1e-2 is a start.
+        beta1: the momentum decay in ``[0, 1)``; 0.9 as FedAdam and FedYogi
+            (the paper's algorithm has it; 0 is plain server Adagrad).
+        tau: the adaptivity ``tau > 0``; 1e-3, around where the paper's experiments put it.
+
+    The server sets each parameter's ``grad`` to the pseudo-gradient
+    ``g = x - aggregate`` (:func:`~lightning_colearn.functional.server.pseudo_gradient`)
+    and calls ``step()`` once a round. No bias correction: the paper has
+    none. The arithmetic is float64, written back in the parameter's dtype;
+    the state has the parameter's dtype, as in ``torch.optim`` (for a
+    float16 model ``tau**2 = 1e-6`` is a float16 subnormal, about 1% off).
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.zeros(1))
+        >>> server = FedAdagrad([w], lr=1.0, beta1=0.0)
+        >>> for _ in range(2):
+        ...     w.grad = torch.tensor([3.0]); server.step()
+        >>> server.state[w]["sum_sq"]                         # tau^2 + 9 + 9
+        tensor([18.])
+    """
+
+    _second_moment = "sum_sq"
+
+    def __init__(self, params: Any, lr: float = 1e-2, beta1: float = 0.9, tau: float = 1e-3) -> None:
+        _check_positive("lr", lr)
+        _check_decay("beta1", beta1)
+        _check_positive("tau", tau)
+        super().__init__(params, {"lr": lr, "beta1": beta1, "tau": tau})
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        _check_positive("lr", group["lr"])
+        _check_decay("beta1", group["beta1"])
+        _check_positive("tau", group["tau"])
+
+    def _step_group(self, group: dict[str, Any], params: list, grads: list, exp_avgs: list, seconds: list) -> None:
+        fedadagrad_step_(params, grads, exp_avgs, seconds, lr=group["lr"], beta1=group["beta1"], tau=group["tau"])
+

@@ -1,9 +1,9 @@
 """Communication rules between the members of a CohortModule, as Lightning callbacks."""
 
 from lightning_colearn.callbacks.checkpoint import EpochCheckpoint
-from lightning_colearn.callbacks.federated import FederatedAveraging
+from lightning_colearn.callbacks.federated import SCAFFOLD, FederatedAveraging
 from lightning_colearn.callbacks.pofl import ProofOfLearning
 from lightning_colearn.callbacks.swarm import ParticleSwarm
 from lightning_colearn.callbacks.voting import CollectiveVoting
 
-__all__ = ["CollectiveVoting", "EpochCheckpoint", "FederatedAveraging", "ParticleSwarm", "ProofOfLearning"]
+__all__ = ["CollectiveVoting", "EpochCheckpoint", "FederatedAveraging", "ParticleSwarm", "ProofOfLearning", "SCAFFOLD"]

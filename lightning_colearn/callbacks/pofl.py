@@ -59,6 +59,18 @@ __all__ = ["MINER_AGGREGATORS", "ProofOfLearning"]
 MINER_AGGREGATORS = ("fedavg", "median", "trimmed_mean")
 
 
+#: FederatedAveraging's options that have no meaning for PoFL's miners, and why.
+_FEDERATED_ONLY = {
+    "server_optimizer": "there is no server model to step: the miners' candidates compete as they are aggregated",
+    "personal": "a block holds one whole model that every miner adopts",
+    "mu": "FedProx's pull toward a global model has no single global model among competing miners",
+    "q": "q-FedAvg reweights one server's aggregate; use FederatedAveraging(aggregator='qfedavg')",
+    "krum_weighting": "Krum needs more clients per miner than PoFL rounds give (aggregator: fedavg, median, trimmed_mean)",
+    "num_byzantine": "Krum and Bulyan need more clients per miner than PoFL rounds give",
+    "option": "SCAFFOLD's control variates need one server model; use SCAFFOLD",
+}
+
+
 class ProofOfLearning(ClientRounds):
     """Proof of federated learning between miners that aggregate the clients (members) of a :class:`CohortModule`.
 
@@ -89,7 +101,7 @@ class ProofOfLearning(ClientRounds):
         tolerance: float = 1e-5,
         **kwargs: Any,
     ) -> None:
-        errors = []
+        errors = [f"{name} is not a ProofOfLearning option: {why}" for name, why in _FEDERATED_ONLY.items() if name in kwargs]
         if not is_int_at_least(miners, 1):
             errors.append(f"miners must be an int >= 1, got {miners!r}")
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not math.isfinite(threshold):
@@ -173,6 +185,14 @@ class ProofOfLearning(ClientRounds):
     def start_round(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int]) -> None:
         for c in clients:  # each client starts from its miner's model
             pl_module.cohort.load_member_state(c, self.miner_states[self.miner_of(c)])
+
+    def revert_clients(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int]) -> None:
+        for c in clients:  # back to the model the client started the round from: its miner's
+            pl_module.cohort.load_member_state(c, self.miner_states[self.miner_of(c)])
+
+    def discard_round(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int], reason: str) -> dict[str, Any]:
+        self.revert_clients(trainer, pl_module, clients)  # no miner has a candidate: each keeps its model
+        return {"score": None, "scores": [None] * self.miners, "winner": None, "block": None, "reason": reason}
 
     def finish_round(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int]) -> dict[str, Any]:
         start = time.perf_counter()

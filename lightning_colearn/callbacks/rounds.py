@@ -67,6 +67,11 @@ class ClientRounds(PicklableGenerator, Callback):
         eval_dataloader: the shared evaluation set (default: the datamodule's ``eval_dataloader()``).
         eval_batches: evaluate on at most this many batches of it (default: all).
         reset_client_optimizer: clients start every round with fresh optimizer state (FL clients are stateless).
+        dropout: probability that a sampled client fails before reporting (it trains, but its update never
+            arrives; it goes back to where it started the round). Drawn per client and round from
+            ``(seed, round)``, so the client samples do not change with it.
+        min_completion: fraction of a round's sampled clients that must report; fewer, and the round is
+            discarded and logged (Flower's FaultTolerantFedAvg).
         seed: seeds client sampling (its state is checkpointed).
     """
 
@@ -85,6 +90,8 @@ class ClientRounds(PicklableGenerator, Callback):
         eval_dataloader: Any = None,
         eval_batches: int | None = None,
         reset_client_optimizer: bool = True,
+        dropout: float = 0.0,
+        min_completion: float = 0.0,
         seed: int = 0,
     ) -> None:
         errors = self._check_arguments(
@@ -92,6 +99,9 @@ class ClientRounds(PicklableGenerator, Callback):
             target=target, criterion=criterion, eval_batches=eval_batches, maximize=maximize, seed=seed,
             stop_at_target=stop_at_target, reset_client_optimizer=reset_client_optimizer, eval_dataloader=eval_dataloader,
         )
+        for name, value, high in (("dropout", dropout, "1)"), ("min_completion", min_completion, "1]")):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1 or (name == "dropout" and value == 1):
+                errors.append(f"{name} must be a number in [0, {high}, got {value!r}")
         if errors:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(errors))
         self.maximize = higher_is_better(criterion, maximize) if criterion is not None else (True if maximize is None else maximize)
@@ -99,6 +109,7 @@ class ClientRounds(PicklableGenerator, Callback):
         self.target, self.stop_at_target, self.criterion = target, stop_at_target, criterion
         self.eval_dataloader, self.eval_batches = eval_dataloader, eval_batches
         self.reset_client_optimizer, self.seed = reset_client_optimizer, seed
+        self.dropout, self.min_completion = float(dropout), float(min_completion)
         self.generator = torch.Generator().manual_seed(seed)
         #: Rounds completed.
         self.round = 0
@@ -110,6 +121,7 @@ class ClientRounds(PicklableGenerator, Callback):
         self._round_epochs = 0  # epochs the round in progress has done
         self._synced = False
         self._remaining: dict[int, float] = {}
+        self._round_steps: dict[int, int] = {}  # optimizer steps each client of the round in progress has taken
 
     @staticmethod
     def _check_arguments(**kw: Any) -> list[str]:
@@ -182,6 +194,7 @@ class ClientRounds(PicklableGenerator, Callback):
         if self._clients is None:
             self._clients = sorted(torch.randperm(pl_module.size, generator=self.generator)[: self.clients_per_round].tolist())
             self._round_epochs = 0
+            self._round_steps = {c: 0 for c in self._clients}
             self._round_start = time.perf_counter()
             self.start_round(trainer, pl_module, self._clients)
             if self.reset_client_optimizer:
@@ -198,6 +211,7 @@ class ClientRounds(PicklableGenerator, Callback):
         for c in pl_module.stepped_members:
             if c in self._remaining:
                 self._remaining[c] -= 1
+                self._round_steps[c] = self._round_steps.get(c, 0) + 1
         pl_module.active_members = [c for c in self._clients if self._remaining[c] > 0]
         epoch_ends = is_last_batch(trainer, batch_idx)
         out_of_steps = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
@@ -214,7 +228,19 @@ class ClientRounds(PicklableGenerator, Callback):
                                   "train_seconds": start - self._round_start}
         del self._round_start
         pl_module.sync_members(clients)  # under DDP: every rank gets the clients' updates from the ranks that trained them
-        record.update(self.finish_round(trainer, pl_module, clients))
+        failed = self.failures(clients)
+        reporting = [c for c in clients if c not in failed]
+        needed = max(1, math.ceil(self.min_completion * len(clients) - 1e-9))
+        if self.dropout > 0:
+            record["failed"] = failed
+        if len(reporting) < needed:
+            record.update(self.discard_round(trainer, pl_module, clients,
+                                             f"{len(reporting)} of {len(clients)} clients reported, fewer than "
+                                             f"min_completion={self.min_completion:g} allows: round discarded"))
+        else:
+            if failed:
+                self.revert_clients(trainer, pl_module, failed)
+            record.update(self.finish_round(trainer, pl_module, reporting))
         self.round += 1
         value = record.get("score")
         if value is not None and self.target is not None and self.rounds_to_target is None and self._reached(value):
@@ -226,6 +252,18 @@ class ClientRounds(PicklableGenerator, Callback):
             self.stop_at_target and self.rounds_to_target is not None
         ):
             trainer.should_stop = True  # Lightning finishes this epoch (validation, checkpoint) and stops
+
+    def failures(self, clients: list[int]) -> list[int]:
+        """The round's clients that fail before reporting: each with probability ``dropout``, from ``(seed, round)``."""
+        if self.dropout == 0:
+            return []
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.round) * 1_000_003 + 7)
+        draws = torch.rand(len(clients), generator=generator, dtype=torch.float64)
+        return [c for c, u in zip(clients, draws.tolist()) if u < self.dropout]
+
+    def round_steps(self, client: int) -> int:
+        """Optimizer steps ``client`` took in the round in progress (SCAFFOLD's K)."""
+        return self._round_steps.get(client, 0)
 
     def _reached(self, value: float) -> bool:
         return value >= self.target if self.maximize else value <= self.target
@@ -243,8 +281,17 @@ class ClientRounds(PicklableGenerator, Callback):
         """Prepare the sampled clients before they train (e.g. load their miner's model)."""
 
     def finish_round(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int]) -> dict[str, Any]:
-        """Aggregate the clients' updates; return the round's record fields (``score``: the server score)."""
+        """Aggregate the updates of the clients that reported; return the round's record fields (``score``: the server score)."""
         raise NotImplementedError
+
+    def revert_clients(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int]) -> None:
+        """Put ``clients`` back where they started the round (their update never reached the server)."""
+        raise NotImplementedError
+
+    def discard_round(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int], reason: str) -> dict[str, Any]:
+        """Too few clients reported: every client of the round goes back; returns the round's record fields."""
+        self.revert_clients(trainer, pl_module, clients)
+        return {"score": None, "installed": False, "reason": reason}
 
     def log_round(self, pl_module: CohortModule, record: dict[str, Any]) -> None:
         logged = {f"{self.name}/round": float(record["round"])}
@@ -279,6 +326,7 @@ class ClientRounds(PicklableGenerator, Callback):
             "rounds_to_target": self.rounds_to_target,
             "clients": self._clients,
             "round_epochs": self._round_epochs,
+            "round_steps": dict(self._round_steps),
             "synced": self._synced,
         }
 
@@ -289,6 +337,10 @@ class ClientRounds(PicklableGenerator, Callback):
                 raise ValueError(f"round {round_} with {len(history)} recorded rounds")
             rounds_to_target, clients = state_dict["rounds_to_target"], state_dict["clients"]
             round_epochs, synced = state_dict["round_epochs"], state_dict["synced"]
+            round_steps = state_dict.get("round_steps", {})  # (checkpoints before client step counts had none)
+            if not isinstance(round_steps, dict) or not all(is_int_at_least(k, 0) and is_int_at_least(v, 0)
+                                                            for k, v in round_steps.items()):
+                raise ValueError(f"round_steps must map client indices to step counts, got {round_steps!r}")
             if rounds_to_target is not None and not (is_int_at_least(rounds_to_target, 1) and rounds_to_target <= round_):
                 raise ValueError(f"rounds_to_target must be None or an int in [1, {round_}], got {rounds_to_target!r}")
             if clients is not None and (not isinstance(clients, list) or not all(is_int_at_least(c, 0) for c in clients)
@@ -302,4 +354,4 @@ class ClientRounds(PicklableGenerator, Callback):
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise ValueError(f"{type(self).__name__} checkpoint state is corrupt or from another version: {err}") from err
         self.round, self.history, self.rounds_to_target, self._clients = round_, history, rounds_to_target, clients
-        self._round_epochs, self._synced = round_epochs, synced
+        self._round_epochs, self._synced, self._round_steps = round_epochs, synced, dict(round_steps)

@@ -2,11 +2,14 @@
 
 from lightning_colearn.functional.aggregation import (
     AGGREGATORS,
+    KRUM_WEIGHTINGS,
     aggregate,
+    bulyan,
     coordinate_median,
     fedavg,
     fedprox_term,
     krum,
+    qfedavg,
     trimmed_mean,
 )
 from lightning_colearn.functional.arithmetic import (
@@ -19,20 +22,43 @@ from lightning_colearn.functional.arithmetic import (
     weighted_average,
     weighted_sum,
 )
+from lightning_colearn.functional.server import (
+    fedadagrad_step_,
+    fedadam_step_,
+    fedyogi_step_,
+    is_identity_server,
+    pseudo_gradient,
+    scaffold_client_variate,
+    scaffold_correction,
+    scaffold_server_update,
+    scaffold_server_variate,
+)
 
 __all__ = [
     "AGGREGATORS",
+    "KRUM_WEIGHTINGS",
     "CohortMismatchError",
     "aggregate",
+    "bulyan",
     "check_same_structure",
     "coordinate_median",
     "copy_",
+    "fedadagrad_step_",
+    "fedadam_step_",
     "fedavg",
     "fedprox_term",
+    "fedyogi_step_",
     "first_non_finite",
     "is_finite",
+    "is_identity_server",
     "krum",
     "lerp_",
+    "pseudo_gradient",
+    "qfedavg",
+    "scaffold_client_variate",
+    "scaffold_correction",
+    "scaffold_server_update",
+    "scaffold_server_variate",
     "trimmed_mean",
     "weighted_average",
     "weighted_sum",

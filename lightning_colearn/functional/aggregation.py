@@ -1,4 +1,4 @@
-"""Federated aggregation of client updates: FedAvg, robust statistics, Krum, FedProx.
+"""Federated aggregation of client updates: FedAvg, robust statistics, Krum, Bulyan, q-FedAvg, FedProx.
 
 An *update* is one client's ordered list of tensors (the same order as
 ``module.state_dict()``, e.g. ``list(module.state_dict().values())``); a
@@ -14,6 +14,11 @@ federation on one machine and a real server.
   Learning: Towards Optimal Statistical Rates").
 - :func:`krum` is Krum and multi-Krum (Blanchard et al., 2017, "Machine
   Learning with Adversaries: Byzantine Tolerant Gradient Descent").
+- :func:`bulyan` is Bulyan (El Mhamdi et al., 2018, "The Hidden
+  Vulnerability of Distributed Learning in Byzantium"): recursive Krum, then
+  a coordinate-wise mean of the values nearest the median.
+- :func:`qfedavg` is q-FedAvg (Li et al., 2020, "Fair Resource Allocation in
+  Federated Learning"): clients with a higher loss weigh more.
 - :func:`fedprox_term` is the proximal term FedProx adds to each client's
   local loss (Li et al., 2020, "Federated Optimization in Heterogeneous
   Networks").
@@ -27,8 +32,9 @@ Conventions shared by every aggregator:
   average: they are copied from the first update.
 - The robust estimators treat NaN as ``+inf`` when ordering values, so a
   client sending NaN or Inf is trimmed away like one sending huge values, and
-  Krum gives any non-finite update an infinite score so it is never selected.
-  FedAvg has no such defence: one such client ruins its result.
+  Krum (and Bulyan's Krum passes) gives any non-finite update an infinite
+  score so it is never selected. FedAvg and q-FedAvg have no such defence:
+  one such client ruins their result.
 
 Example:
     >>> import torch
@@ -63,16 +69,22 @@ from lightning_colearn.functional.arithmetic import CohortMismatchError
 
 __all__ = [
     "AGGREGATORS",
+    "KRUM_WEIGHTINGS",
     "aggregate",
+    "bulyan",
     "coordinate_median",
     "fedavg",
     "fedprox_term",
     "krum",
+    "qfedavg",
     "trimmed_mean",
 ]
 
-AGGREGATORS = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
+AGGREGATORS = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
 """The method names :func:`aggregate` accepts."""
+
+KRUM_WEIGHTINGS = ("uniform", "samples")
+"""How multi-Krum and Bulyan average what they select: plainly, or weighted by the clients' weights."""
 
 
 # ----------------------------------------------------------------- validation
@@ -283,12 +295,12 @@ def _sorted_reduce(updates: Sequence[Sequence[Tensor]], name: str, reduce: Calla
     return out
 
 
-def _krum_scores(updates: Sequence[Sequence[Tensor]], num_byzantine: int) -> Tensor:
-    """Krum score of every update: summed squared distances to its ``n - f - 2`` nearest others."""
+def _krum_distances(updates: Sequence[Sequence[Tensor]], caller: str = "krum") -> Tensor:
+    """``[n, n]`` squared L2 distances between the updates; ``+inf`` on the diagonal and for non-finite updates."""
     n = len(updates)
     floating = [k for k, t in enumerate(updates[0]) if _is_aggregated(t)]
     for k in floating:
-        _check_orderable(updates[0][k], k, "krum")
+        _check_orderable(updates[0][k], k, caller)
     # One row per client: all floating tensors flattened together, in float64.
     columns = [_stack([u[k] for u in updates]).reshape(n, -1).to(torch.float64) for k in floating]
     flat = torch.cat(columns, dim=1) if columns else torch.zeros(n, 0, dtype=torch.float64)
@@ -299,13 +311,32 @@ def _krum_scores(updates: Sequence[Sequence[Tensor]], num_byzantine: int) -> Ten
     dist[faulty, :] = math.inf
     dist[:, faulty] = math.inf
     dist.fill_diagonal_(math.inf)  # a client is not its own neighbour
-    nearest = dist.topk(n - num_byzantine - 2, dim=1, largest=False).values
+    return dist
+
+
+def _krum_scores(updates: Sequence[Sequence[Tensor]], num_byzantine: int) -> Tensor:
+    """Krum score of every update: summed squared distances to its ``n - f - 2`` nearest others."""
+    dist = _krum_distances(updates)
+    nearest = dist.topk(len(updates) - num_byzantine - 2, dim=1, largest=False).values
     return nearest.sum(dim=1)
+
+
+def _check_krum_weighting(krum_weighting: object) -> str:
+    if krum_weighting not in KRUM_WEIGHTINGS:
+        raise ValueError(
+            f"krum_weighting must be one of {', '.join(map(repr, KRUM_WEIGHTINGS))}, got {krum_weighting!r}"
+        )
+    return krum_weighting  # type: ignore[return-value]
 
 
 @torch.no_grad()
 def krum(
-    updates: Sequence[Sequence[Tensor]], num_byzantine: int = 1, multi: int = 1
+    updates: Sequence[Sequence[Tensor]],
+    num_byzantine: int = 1,
+    multi: int = 1,
+    *,
+    weights: Sequence[float] | Tensor | None = None,
+    krum_weighting: str = "uniform",
 ) -> tuple[list[Tensor], list[int]]:
     """Krum (``multi=1``) and multi-Krum (``multi > 1``) of Blanchard et al., 2017.
 
@@ -313,13 +344,26 @@ def krum(
     floating tensors flattened together (buffers included when present), to
     its ``n - f - 2`` nearest other updates, where ``f = num_byzantine``. The
     ``multi`` updates with the lowest scores are selected (ties go to the
-    lower client index) and their plain mean returned. An update holding
-    NaN or Inf scores ``+inf`` and is never selected while finite ones remain.
+    lower client index) and averaged. An update holding NaN or Inf scores
+    ``+inf`` and is never selected while finite ones remain.
+
+    How the selected updates are averaged is ``krum_weighting``:
+
+    - ``"uniform"`` (the default, as Blanchard et al.): their plain mean.
+      Every selected client counts the same, so a client cannot gain
+      influence by claiming a large sample count; ``weights``, if given, are
+      checked and otherwise ignored (so a caller can always pass them).
+    - ``"samples"``: their mean weighted by ``weights`` (e.g. sample counts),
+      as FedAvg weighs clients. Selection is unchanged; the claimed counts
+      are trusted, so use it when counts come from the server's own records.
 
     Args:
         updates: one list of tensors per client; needs ``n >= 2f + 3``.
         num_byzantine: ``f``, the number of faulty clients to tolerate.
         multi: how many updates to select and average, ``1 <= multi <= n``.
+        weights: one non-negative weight per client (all of them, not only
+            the selected); needed by ``krum_weighting="samples"``.
+        krum_weighting: ``"uniform"`` or ``"samples"`` (see above).
 
     Returns:
         The mean of the selected updates and their client indices, best score first.
@@ -329,9 +373,20 @@ def krum(
         >>> updates = [[torch.tensor([v])] for v in (1.0, 1.1, 0.9, 1.05, 100.0)]
         >>> krum(updates, num_byzantine=1)   # 1.05 has the closest two neighbours
         ([tensor([1.0500])], [3])
+        >>> krum(updates, num_byzantine=1, multi=2)[1]   # 1.0 and 1.1 tie: the lower index wins
+        [3, 0]
+        >>> krum(updates, num_byzantine=1, multi=2, weights=[3, 1, 1, 1, 1], krum_weighting="samples")[0]
+        [tensor([1.0125])]
     """
     _check_updates(updates, "krum")
     n = len(updates)
+    krum_weighting = _check_krum_weighting(krum_weighting)
+    w = None if weights is None else _check_weights(weights, n)
+    if krum_weighting == "samples" and w is None:
+        raise ValueError(
+            "krum_weighting='samples' averages the selected updates weighted by weights (e.g. sample counts), "
+            "got weights=None; pass weights or use krum_weighting='uniform'"
+        )
     f = _as_int("num_byzantine", num_byzantine, 0)
     if n < 2 * f + 3:  # Blanchard et al.'s n > 2f + 2; it also leaves n - f - 2 >= 1 neighbours to score
         hint = f"; use num_byzantine <= {(n - 3) // 2} or more clients" if n >= 3 else "; it needs at least 3 clients"
@@ -341,9 +396,118 @@ def krum(
         raise ValueError(f"multi must be in [1, {n}] (the number of updates), got {multi}")
     scores = _krum_scores(updates, f)
     chosen = torch.sort(scores, stable=True).indices[:multi].tolist()
-    mean = fedavg([updates[i] for i in chosen])  # the plain mean of the chosen
+    if krum_weighting == "samples":
+        chosen_w = w[chosen]  # type: ignore[index]
+        if float(chosen_w.sum()) <= 0:
+            raise ValueError(
+                f"krum_weighting='samples' cannot average the selected updates {chosen}: their weights are all 0"
+            )
+        mean = fedavg([updates[i] for i in chosen], chosen_w)
+    else:
+        mean = fedavg([updates[i] for i in chosen])  # the plain mean of the chosen
     # non-aggregated tensors (counters) come from the first update, as in every method
     return [m if _is_aggregated(first) else first.clone() for m, first in zip(mean, updates[0])], chosen
+
+
+@torch.no_grad()
+def bulyan(
+    updates: Sequence[Sequence[Tensor]],
+    num_byzantine: int = 1,
+    weights: Sequence[float] | Tensor | None = None,
+) -> tuple[list[Tensor], list[int]]:
+    """Bulyan (El Mhamdi et al., 2018): recursive Krum, then a coordinate-wise mean around the median.
+
+    With ``n`` updates and ``f = num_byzantine`` (needs ``n >= 4f + 3``):
+
+    1. Select ``theta = n - 2f`` updates by Krum applied recursively: each
+       pass scores the ``n_r`` updates not yet selected with Krum's score over
+       that remaining set (squared distances to the ``n_r - f - 2`` nearest,
+       at least 1) and moves the best one (ties: lower client index) to the
+       selection.
+    2. In every coordinate, average the ``beta = theta - 2f`` values of the
+       selected updates closest to their coordinate-wise median (the mean of
+       the two middle values when ``theta`` is even; ties in distance go to
+       the update selected earlier).
+
+    Step 1 keeps Krum's guarantee that the selection is near the honest
+    updates; step 2 bounds every coordinate by honest values, which Krum
+    alone does not (a Byzantine update can be close in L2 yet far in one
+    coordinate). As in :func:`coordinate_median`, NaN counts as ``+inf``, and
+    an update holding NaN or Inf is never selected while finite ones remain.
+
+    ``weights=None`` is the paper's plain mean in step 2. With ``weights``
+    (e.g. sample counts, all > 0) the ``beta`` values of each coordinate are
+    averaged weighted by their clients' weights; selection is unchanged and
+    the result stays within the range of the ``beta`` values, but the claimed
+    counts are trusted.
+
+    Args:
+        updates: one list of tensors per client; needs ``n >= 4f + 3``.
+        num_byzantine: ``f``, the number of faulty clients to tolerate.
+        weights: ``None``, or one weight > 0 per client.
+
+    Returns:
+        The aggregate and the client indices of the ``theta`` selected updates, in selection order.
+
+    Example:
+        >>> import torch
+        >>> updates = [[torch.tensor([v, -v])] for v in (1.0, 1.1, 0.9, 1.05, 0.95, 1.3, 1e6)]
+        >>> result, selected = bulyan(updates, num_byzantine=1)
+        >>> selected   # theta = 7 - 2 = 5 picks, most central first; the outlier 1e6 is never one
+        [0, 3, 4, 1, 2]
+        >>> result     # beta = 3 values nearest the median 1.0: 0.95, 1.0, 1.05
+        [tensor([ 1., -1.])]
+    """
+    _check_updates(updates, "bulyan")
+    n = len(updates)
+    f = _as_int("num_byzantine", num_byzantine, 0)
+    if n < 4 * f + 3:
+        hint = f"; use num_byzantine <= {(n - 3) // 4} or more clients" if n >= 3 else "; it needs at least 3 clients"
+        raise ValueError(f"bulyan needs n >= 4 * num_byzantine + 3 updates, got n={n} with f={f}{hint}")
+    w = None
+    if weights is not None:
+        w = _check_weights(weights, n)
+        if (w <= 0).any():
+            raise ValueError(
+                f"bulyan weights must all be > 0 (a coordinate's beta nearest values could all come from "
+                f"weight-0 clients), got {w.tolist()}"
+            )
+    theta, beta = n - 2 * f, n - 4 * f
+    # 1. recursive Krum over the remaining updates
+    dist = _krum_distances(updates, "bulyan")
+    remaining, selected = list(range(n)), []
+    for _ in range(theta):
+        r = len(remaining)
+        if r == 1:
+            best = 0
+        else:
+            rows = torch.tensor(remaining)
+            sub = dist.index_select(0, rows).index_select(1, rows)
+            scores = sub.topk(max(r - f - 2, 1), dim=1, largest=False).values.sum(dim=1)
+            best = int(torch.sort(scores, stable=True).indices[0])
+        selected.append(remaining.pop(best))
+    # 2. coordinate-wise: the beta selected values nearest the median, averaged
+    out = []
+    for tensors in zip(*updates):
+        first = tensors[0]
+        if not _is_aggregated(first):
+            out.append(first.clone())
+            continue
+        stacked = _nan_as_inf(_stack([tensors[i] for i in selected]).to(torch.float64))
+        ordered = stacked.sort(dim=0).values
+        median = ordered[theta // 2] if theta % 2 else (ordered[theta // 2 - 1] + ordered[theta // 2]) / 2
+        gap = (stacked - median).abs()
+        gap = torch.where(torch.isnan(gap), torch.full_like(gap, math.inf), gap)  # inf - inf
+        nearest = gap.sort(dim=0, stable=True).indices[:beta]
+        values = stacked.gather(0, nearest)
+        if w is None:
+            mean = values.mean(dim=0)
+        else:
+            vw = w.to(stacked.device)[torch.tensor(selected, device=stacked.device)][nearest]
+            mean = (values * vw).sum(dim=0) / vw.sum(dim=0)
+        out.append(mean.to(first.dtype))
+    return out, selected
+
 
 
 def aggregate(
@@ -354,6 +518,7 @@ def aggregate(
     trim_ratio: float = 0.1,
     num_byzantine: int = 1,
     multi: int | None = None,
+    krum_weighting: str = "uniform",
 ) -> list[Tensor]:
     """Aggregate client updates with the method named by ``method`` (one of :data:`AGGREGATORS`).
 
@@ -361,12 +526,18 @@ def aggregate(
     - ``"median"``: :func:`coordinate_median`.
     - ``"trimmed_mean"``: :func:`trimmed_mean` with ``trim_ratio``.
     - ``"krum"``: :func:`krum` with ``num_byzantine`` and ``multi=1``.
-    - ``"multi_krum"``: :func:`krum` with ``num_byzantine`` and ``multi``
-      (default ``n - num_byzantine``).
+    - ``"multi_krum"``: :func:`krum` with ``num_byzantine``, ``multi``
+      (default ``n - num_byzantine``) and ``krum_weighting``.
+    - ``"bulyan"``: :func:`bulyan` with ``num_byzantine``, weighted by
+      ``weights`` only when ``krum_weighting="samples"``.
 
-    Only FedAvg is weighted: the robust methods check ``weights`` (so a bad
-    value is still reported) and otherwise ignore them, which lets a caller
-    always pass sample counts whatever the method.
+    By default only FedAvg is weighted: the robust methods check ``weights``
+    (so a bad value is still reported) and otherwise ignore them, which lets
+    a caller always pass sample counts whatever the method.
+    ``krum_weighting="samples"`` (default ``"uniform"``, the papers' plain
+    mean) makes multi-Krum and Bulyan average what they select weighted by
+    ``weights``; it needs ``weights`` for those two methods and changes
+    nothing for the others (a single Krum update has nothing to weigh).
 
     Example:
         >>> import torch
@@ -375,9 +546,12 @@ def aggregate(
         [tensor([2.5000])]
         >>> aggregate(updates, "multi_krum", num_byzantine=1)   # averages the 4 best
         [tensor([2.1250])]
+        >>> aggregate(updates, "multi_krum", [1, 1, 1, 1, 4], num_byzantine=1, krum_weighting="samples")
+        [tensor([2.2857])]
     """
     if method not in AGGREGATORS:
         raise ValueError(f"unknown aggregation method {method!r}; expected one of {', '.join(map(repr, AGGREGATORS))}")
+    krum_weighting = _check_krum_weighting(krum_weighting)
     if method == "fedavg":
         return fedavg(updates, weights)
     if weights is not None and len(updates) > 0:
@@ -390,9 +564,161 @@ def aggregate(
         if multi not in (None, 1):
             raise ValueError(f"method 'krum' selects one update, got multi={multi}; use method 'multi_krum'")
         return krum(updates, num_byzantine, 1)[0]
+    if method == "bulyan":
+        if multi is not None:
+            raise ValueError(f"method 'bulyan' selects n - 2 * num_byzantine updates itself, got multi={multi}; leave multi unset")
+        if krum_weighting == "samples" and weights is None:
+            raise ValueError("krum_weighting='samples' weighs Bulyan's mean by weights (e.g. sample counts), got weights=None")
+        return bulyan(updates, num_byzantine, weights if krum_weighting == "samples" else None)[0]
     if multi is None:
         multi = len(updates) - _as_int("num_byzantine", num_byzantine, 0)
-    return krum(updates, num_byzantine, multi)[0]
+    return krum(updates, num_byzantine, multi, weights=weights, krum_weighting=krum_weighting)[0]
+
+
+# ------------------------------------------------------------------- q-FedAvg
+def _check_losses(losses: Sequence[float] | Tensor, count: int, q: float) -> Tensor:
+    """``losses`` as float64 on the CPU after checking length, finiteness and sign (``> 0``, or ``>= 0`` at q = 0)."""
+    if isinstance(losses, Tensor):
+        if losses.dtype == torch.bool or losses.is_complex():
+            raise TypeError(f"losses must be real numbers (each client's loss at the global model), got a {losses.dtype} tensor")
+        values = losses.detach().cpu()
+    else:
+        if isinstance(losses, (str, bytes, Mapping)) or not hasattr(losses, "__iter__"):
+            raise TypeError(f"losses must be a sequence of numbers (one per update) or a 1-D tensor, got {type(losses).__name__}")
+        values = list(losses)
+        bad = [v for v in values if isinstance(v, (bool, str, bytes, Mapping))
+               or not isinstance(v, (numbers.Real, Tensor)) and not isinstance(v, (list, tuple))]
+        if bad:
+            raise TypeError(f"losses must be real numbers (each client's loss at the global model), got {bad[0]!r} in {values!r}")
+        values = [float(v) if isinstance(v, Tensor) and v.numel() == 1 else v for v in values]
+    f = torch.as_tensor(values, dtype=torch.float64)
+    if f.ndim != 1 or f.numel() != count:
+        raise ValueError(f"losses must have one entry per update ({count}), got shape {tuple(f.shape)}")
+    if not torch.isfinite(f).all():
+        raise ValueError(f"losses must be finite, got {f.tolist()}")
+    if q == 0:
+        if (f < 0).any():
+            raise ValueError(f"losses must be >= 0, got {f.tolist()}")
+    elif (f <= 0).any():
+        raise ValueError(f"losses must be > 0 when q > 0 (q-FedAvg uses F_k ** (q - 1)), got {f.tolist()} with q={q}")
+    return f
+
+
+@torch.no_grad()
+def qfedavg(
+    global_params: Sequence[Tensor],
+    updates: Sequence[Sequence[Tensor]],
+    losses: Sequence[float] | Tensor,
+    *,
+    q: float,
+    lipschitz: float,
+    weights: Sequence[float] | Tensor | None = None,
+) -> list[Tensor]:
+    """q-FedAvg's server step (Li et al., 2020, "Fair Resource Allocation in Federated Learning", Algorithm 2).
+
+    q-FFL minimises ``sum_k p_k F_k^(q+1) / (q+1)``: the larger ``q``, the
+    more the clients with a high loss count, for a fairer spread of accuracy
+    across clients. With ``x`` the global model, ``y_k`` client ``k``'s model
+    after its local steps, ``F_k`` its loss at ``x`` and ``L = lipschitz``::
+
+        Delta w_k = L * (x - y_k)
+        Delta_k   = F_k^q * Delta w_k
+        h_k       = q * F_k^(q-1) * ||Delta w_k||^2 + L * F_k^q
+        x+        = x - sum_k p_k Delta_k / sum_k p_k h_k
+
+    ``||Delta w_k||^2`` sums over all floating tensors together. ``p_k`` are
+    ``weights`` (e.g. sample counts; uniform when None): the paper samples
+    clients with probability ``p_k`` and sums the sample uniformly, so
+    weighing a full round by ``p_k`` is the expectation of that.
+
+    ``q = 0`` is FedAvg: ``h_k = L`` and ``x+ = x - sum p_k (x - y_k) / sum p_k``,
+    equal to :func:`fedavg` up to rounding but not bit for bit, because
+    ``x - (x - mean)`` is rounded differently from ``mean``.
+    Numerically, every ``F_k^q`` is divided by the largest one before use (a
+    common factor of ``Delta_k`` and ``h_k``, so the result is unchanged)
+    and ``F_k^(q-1) = F_k^q / F_k``: large ``q`` neither overflows nor
+    underflows, and ``q = 0`` never forms ``0 * F_k^-1``. Float64 arithmetic,
+    cast back; non-floating tensors are copied from the first update; not
+    robust (a NaN or huge update ruins the result, as with FedAvg).
+
+    Args:
+        global_params: ``x``, the model the clients started the round from.
+        updates: ``y_k``, one list of tensors per client, like ``global_params``.
+        losses: ``F_k``, each client's loss at ``x`` (on its training data);
+            finite and ``> 0`` (``>= 0`` when ``q == 0``).
+        q: the fairness parameter, a finite number ``>= 0``.
+        lipschitz: ``L > 0``, an estimate of the Lipschitz constant of the
+            gradients; the paper uses ``1 / local learning rate``.
+        weights: ``p_k``, one non-negative weight per client (a client of
+            weight 0 is left out entirely), or None for uniform.
+
+    Example:
+        >>> import torch
+        >>> x = [torch.tensor([0.0, 0.0])]
+        >>> ys = [[torch.tensor([1.0, 0.0])], [torch.tensor([0.0, 1.0])]]
+        >>> qfedavg(x, ys, [1.0, 4.0], q=0.0, lipschitz=10.0)   # FedAvg
+        [tensor([0.5000, 0.5000])]
+        >>> qfedavg(x, ys, [1.0, 4.0], q=1.0, lipschitz=10.0)   # loss 4 pulls 4 times harder; h_k shortens the step
+        [tensor([0.0400, 0.1600])]
+    """
+    _check_updates(updates, "qfedavg")
+    n = len(updates)
+    q_value = _as_real(q) if not isinstance(q, bool) else math.nan
+    if not (math.isfinite(q_value) and q_value >= 0):
+        raise ValueError(f"q must be a finite number >= 0, got {q!r}")
+    lip = _as_real(lipschitz) if not isinstance(lipschitz, bool) else math.nan
+    if not (math.isfinite(lip) and lip > 0):
+        raise ValueError(f"lipschitz must be a finite number > 0 (the paper uses 1 / the local learning rate), got {lipschitz!r}")
+    f = _check_losses(losses, n, q_value)
+    w = torch.ones(n, dtype=torch.float64) if weights is None else _check_weights(weights, n)
+    if global_params is None or isinstance(global_params, (Tensor, Mapping, str, bytes)) or not hasattr(global_params, "__iter__"):
+        raise TypeError(f"global_params must be a list of tensors like each update, got {type(global_params).__name__}")
+    global_params = list(global_params)
+    ref = updates[0]
+    for k, x in enumerate(global_params):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"global_params holds a {type(x).__name__} at tensor {k}, expected a Tensor")
+    if len(global_params) != len(ref):
+        raise CohortMismatchError(f"global_params has {len(global_params)} tensors, each update has {len(ref)}")
+    for k, (x, y) in enumerate(zip(global_params, ref)):
+        if x.shape != y.shape or x.dtype != y.dtype:
+            raise CohortMismatchError(
+                f"global_params and update 0 differ at tensor {k}: {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}"
+            )
+        if x.is_complex():
+            raise TypeError(f"qfedavg needs real tensors; tensor {k} is complex ({x.dtype})")
+    keep = torch.nonzero(w > 0).flatten().tolist()
+    p, f = w[keep], f[keep]
+    floating = [k for k, t in enumerate(global_params) if t.is_floating_point()]
+    device = global_params[floating[0]].device if floating else None
+    # x - y_k in float64, one [clients, ...] stack per tensor; ||Delta w_k||^2 over all of them
+    gaps = {}
+    sq = torch.zeros(len(keep), dtype=torch.float64, device=device)
+    for k in floating:
+        x64 = global_params[k].detach().to(torch.float64)
+        gap = x64 - _stack([updates[i][k] for i in keep]).to(device=x64.device, dtype=torch.float64)
+        gaps[k] = gap
+        sq = sq + gap.reshape(len(keep), -1).square().sum(dim=1).to(sq.device) * lip**2
+    f = f.to(sq.device)
+    if q_value == 0:
+        scale = torch.ones_like(f)  # F^0 = 1, also for F = 0
+        curvature = torch.zeros_like(f)  # q * F^(q-1) * ||Delta w||^2 = 0
+    else:
+        log_f = f.log()
+        scale = torch.exp(q_value * (log_f - log_f.max()))  # F_k^q / max_j F_j^q
+        curvature = q_value * sq / f
+    p = p.to(sq.device)
+    coef = p * scale  # p_k F_k^q (over the common factor)
+    denominator = (coef * (curvature + lip)).sum()  # sum p_k h_k (over the common factor)
+    out = []
+    for k, x in enumerate(global_params):
+        if k not in gaps:
+            out.append(updates[0][k].clone())
+            continue
+        gap = gaps[k]
+        step = torch.tensordot(coef.to(gap.device) * lip, gap, dims=1) / denominator.to(gap.device)
+        out.append((x.detach().to(torch.float64) - step).to(x.dtype))
+    return out
 
 
 # ------------------------------------------------------------------- FedProx

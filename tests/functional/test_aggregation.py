@@ -1,8 +1,9 @@
-"""Tests for lightning_colearn.functional.aggregation (FedAvg, median, trimmed mean, Krum, FedProx)."""
+"""Tests for lightning_colearn.functional.aggregation (FedAvg, median, trimmed mean, Krum, Bulyan, q-FedAvg, FedProx)."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -10,10 +11,12 @@ import torch
 from lightning_colearn.functional.aggregation import (
     AGGREGATORS,
     aggregate,
+    bulyan,
     coordinate_median,
     fedavg,
     fedprox_term,
     krum,
+    qfedavg,
     trimmed_mean,
 )
 from lightning_colearn.functional.arithmetic import CohortMismatchError, weighted_average
@@ -202,7 +205,7 @@ def test_krum_num_byzantine_zero_needs_three_clients():
 def test_aggregate_dispatches_to_each_method():
     updates = _scalar_updates(KRUM_POINTS)
     weights = [1, 2, 3, 4, 5]
-    assert AGGREGATORS == ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
+    assert AGGREGATORS == ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "bulyan")
     assert torch.equal(aggregate(updates)[0], fedavg(updates)[0])
     assert torch.equal(aggregate(updates, "fedavg", weights)[0], fedavg(updates, weights)[0])
     assert torch.equal(aggregate(updates, "median", weights)[0], coordinate_median(updates)[0])
@@ -282,6 +285,11 @@ AGGREGATE_CALLS = [
     pytest.param(lambda u: trimmed_mean(u, 0.2), id="trimmed_mean"),
     pytest.param(lambda u: krum(u, 1)[0], id="krum"),
     pytest.param(lambda u: krum(u, 1, multi=3)[0], id="multi_krum"),
+    pytest.param(lambda u: krum(u, 1, multi=3, weights=[1, 2, 3, 4, 5], krum_weighting="samples")[0],
+                 id="multi_krum-samples"),
+    pytest.param(lambda u: bulyan(u, 0)[0], id="bulyan"),
+    pytest.param(lambda u: bulyan(u, 0, weights=[1, 2, 3, 4, 5])[0], id="bulyan-weighted"),
+    pytest.param(lambda u: qfedavg(u[1], u, [1.0, 2.0, 0.5, 3.0, 1.5], q=2.0, lipschitz=10.0), id="qfedavg"),
 ]
 
 
@@ -341,6 +349,8 @@ def test_non_floating_tensors_come_from_the_first_update(call):
         (lambda: coordinate_median([]), "coordinate_median"),
         (lambda: trimmed_mean([]), "trimmed_mean"),
         (lambda: krum([]), "krum"),
+        (lambda: bulyan([]), "bulyan"),
+        (lambda: qfedavg([], [], [], q=1.0, lipschitz=1.0), "qfedavg"),
         (lambda: aggregate([], "median"), "coordinate_median"),
     ],
 )
@@ -350,7 +360,10 @@ def test_empty_updates(call, name):
 
 
 @pytest.mark.parametrize(
-    "fn", [fedavg, coordinate_median, trimmed_mean, lambda u: krum(u, 0)], ids=["fedavg", "median", "trimmed", "krum"]
+    "fn",
+    [fedavg, coordinate_median, trimmed_mean, lambda u: krum(u, 0), lambda u: bulyan(u, 0),
+     lambda u: qfedavg([torch.zeros(2), torch.zeros(3)], u, [1.0] * len(u), q=1.0, lipschitz=1.0)],
+    ids=["fedavg", "median", "trimmed", "krum", "bulyan", "qfedavg"],
 )
 def test_mismatched_clients_name_the_client_and_the_tensor(fn):
     good = [torch.zeros(2), torch.zeros(3)]
@@ -421,7 +434,7 @@ def test_unknown_method_lists_the_known_ones():
     with pytest.raises(
         ValueError,
         match="unknown aggregation method 'mean'; "
-        "expected one of 'fedavg', 'median', 'trimmed_mean', 'krum', 'multi_krum'",
+        "expected one of 'fedavg', 'median', 'trimmed_mean', 'krum', 'multi_krum', 'bulyan'",
     ):
         aggregate(_updates(), "mean")
 
@@ -498,3 +511,332 @@ def test_weights_and_updates_of_the_wrong_type_are_named():
         krum([[torch.ones(1)]] * 5, num_byzantine=True)
     with pytest.raises(TypeError, match=r"update 0 is NoneType; each update must be a list of tensors"):
         aggregate([None, None])
+
+
+# ------------------------------------------------------------ multi-Krum weighting
+def test_multi_krum_samples_weighting_hand_computation():
+    updates = _scalar_updates(KRUM_POINTS)
+    weights = [1, 2, 3, 4, 5]
+    out, chosen = krum(updates, num_byzantine=1, multi=3, weights=weights, krum_weighting="samples")
+    assert chosen == [3, 1, 2]  # selection does not depend on the weights
+    # clients 3, 1, 2 hold 1.1, 1.0, 1.3 with weights 4, 2, 3
+    torch.testing.assert_close(out[0], torch.tensor([(4 * 1.1 + 2 * 1.0 + 3 * 1.3) / 9]))
+    via_aggregate = aggregate(updates, "multi_krum", weights, num_byzantine=1, multi=3, krum_weighting="samples")
+    assert torch.equal(via_aggregate[0], out[0])
+
+
+def test_multi_krum_uniform_is_the_default_and_ignores_weights():
+    updates = _scalar_updates(KRUM_POINTS)
+    plain = krum(updates, num_byzantine=1, multi=3)
+    weighted_ignored = krum(updates, num_byzantine=1, multi=3, weights=[1, 2, 3, 4, 5])
+    assert torch.equal(plain[0][0], weighted_ignored[0][0]) and plain[1] == weighted_ignored[1]
+    assert torch.equal(aggregate(updates, "multi_krum", [1, 2, 3, 4, 5], num_byzantine=1)[0],
+                       aggregate(updates, "multi_krum", num_byzantine=1)[0])
+    # a single Krum update has nothing to weigh
+    assert torch.equal(aggregate(updates, "krum", [1, 2, 3, 4, 5], krum_weighting="samples")[0], torch.tensor([1.1]))
+
+
+def test_multi_krum_samples_with_non_floating_tensors_and_zero_weights():
+    out, chosen = krum(_updates(), num_byzantine=1, multi=3, weights=[0, 1, 1, 1, 0], krum_weighting="samples")
+    assert out[2].item() == 100  # counters from the first update
+    kept = [i for i in chosen if i in (1, 2, 3)]
+    expected = torch.stack([_updates()[i][0] for i in kept]).mean(0)
+    torch.testing.assert_close(out[0], expected)
+
+
+def test_krum_weighting_errors():
+    updates = _scalar_updates(KRUM_POINTS)
+    for bad in ("samples ", "weighted", None, 1):
+        with pytest.raises(ValueError, match=rf"krum_weighting must be one of 'uniform', 'samples', got {re.escape(repr(bad))}"):
+            krum(updates, krum_weighting=bad)
+        with pytest.raises(ValueError, match="krum_weighting must be one of 'uniform', 'samples', got "):
+            aggregate(updates, "median", krum_weighting=bad)
+    with pytest.raises(ValueError, match="krum_weighting='samples' averages the selected updates weighted by weights .*got weights=None"):
+        krum(updates, multi=3, krum_weighting="samples")
+    with pytest.raises(ValueError, match="krum_weighting='samples' averages the selected updates .*got weights=None"):
+        aggregate(updates, "multi_krum", krum_weighting="samples")
+    with pytest.raises(ValueError, match=r"weights must be >= 0 with a positive sum, got \[1.0, -1.0, 1.0, 1.0, 1.0\]"):
+        krum(updates, multi=3, weights=[1, -1, 1, 1, 1])  # checked even when uniform ignores them
+    with pytest.raises(ValueError, match=r"cannot average the selected updates \[3, 1\]: their weights are all 0"):
+        krum(updates, multi=2, weights=[1, 0, 1, 0, 1], krum_weighting="samples")
+
+
+# ----------------------------------------------------------------------- Bulyan
+def _bulyan_oracle(rows: list[list[float]], f: int, weights=None):
+    """El Mhamdi et al. (2018) written out with Python floats: recursive Krum, then beta nearest the median."""
+    n = len(rows)
+
+    def d2(i, j):
+        return sum((a - b) ** 2 for a, b in zip(rows[i], rows[j]))
+
+    remaining, selected = list(range(n)), []
+    while len(selected) < n - 2 * f:
+        if len(remaining) == 1:
+            best = remaining[0]
+        else:
+            k = max(len(remaining) - f - 2, 1)
+            scores = {i: sum(sorted(d2(i, j) for j in remaining if j != i)[:k]) for i in remaining}
+            best = min(remaining, key=lambda i: (scores[i], i))
+        selected.append(best)
+        remaining.remove(best)
+    beta = n - 4 * f
+    out = []
+    for c in range(len(rows[0])):
+        values = [rows[i][c] for i in selected]
+        s, t = sorted(values), len(values)
+        median = s[t // 2] if t % 2 else (s[t // 2 - 1] + s[t // 2]) / 2
+        nearest = sorted(range(t), key=lambda j: (abs(values[j] - median), j))[:beta]
+        w = [1.0 if weights is None else float(weights[selected[j]]) for j in nearest]
+        out.append(sum(values[j] * wj for j, wj in zip(nearest, w)) / sum(w))
+    return out, selected
+
+
+@pytest.mark.parametrize(("n", "f"), [(7, 1), (8, 1), (10, 1), (11, 2), (4, 0)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_bulyan_matches_the_papers_algorithm_written_out(n, f, weighted):
+    g = torch.Generator().manual_seed(10 * n + f)
+    updates = [[torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(2, generator=g, dtype=torch.float64),
+                torch.tensor(7 + i)] for i in range(n)]
+    weights = (torch.rand(n, generator=g) * 10 + 1).tolist() if weighted else None
+    rows = [torch.cat([u[0].flatten(), u[1]]).tolist() for u in updates]
+    expected, expected_selected = _bulyan_oracle(rows, f, weights)
+    out, selected = bulyan(updates, num_byzantine=f, weights=weights)
+    assert selected == expected_selected
+    torch.testing.assert_close(torch.cat([out[0].flatten(), out[1]]), torch.tensor(expected, dtype=torch.float64))
+    assert out[2].item() == 7
+
+
+def test_bulyan_hand_computation():
+    # n = 7, f = 1: theta = 5 selected, beta = 3 averaged per coordinate
+    updates = _scalar_updates([0.0, 1.0, 1.5, 3.0, 4.0, 6.0, 50.0])
+    out, selected = bulyan(updates, num_byzantine=1)
+    # pass 1 (7 left, 4 neighbours): 1.5 scores 0.25 + 2.25 + 2.25 + 6.25 = 11, 1.0 scores 14.25 -> client 2
+    # pass 2 (6 left, 3): 1.0, 3.0 and 4.0 all score 14 (e.g. 1.0: 1 + 4 + 9) -> the lower index, client 1
+    # pass 3 (5 left, 2): 0.0: 9 + 16; 3.0: 1 + 9; 4.0: 1 + 4 = 5; 6.0: 4 + 9 -> client 4
+    # pass 4 (4 left, 1): 0.0, 3.0 and 6.0 all score 9 -> client 0; pass 5 (3 left, 1): 3.0 and 6.0 score 9 -> client 3
+    assert selected == [2, 1, 4, 0, 3]
+    # values 1.5, 1.0, 4.0, 0.0, 3.0: median 1.5; nearest 1.5, 1.0, then 0.0 and 3.0 tie at 1.5 and
+    # 0.0 was selected earlier -> (1.5 + 1.0 + 0.0) / 3
+    torch.testing.assert_close(out[0], torch.tensor([2.5 / 3]))
+
+
+@pytest.mark.parametrize("bad", [1e30, -1e30, math.nan, math.inf], ids=["huge", "-huge", "nan", "inf"])
+@pytest.mark.parametrize("position", [0, 3, 6])
+@pytest.mark.parametrize("everywhere", [False, True], ids=["one-coordinate", "all-coordinates"])
+def test_bulyan_a_faulty_client_never_affects_the_result(bad, position, everywhere):
+    honest = [[1.0, -2.0, 0.5], [1.2, -1.8, 0.4], [0.9, -2.1, 0.6], [1.1, -2.2, 0.5], [1.0, -1.9, 0.45],
+              [1.05, -2.05, 0.55]]
+    rows = [list(r) for r in honest]
+    rows.insert(position, [bad] * 3 if everywhere else [1.0, bad, 0.5])
+    out, selected = bulyan([[torch.tensor(r)] for r in rows], num_byzantine=1)
+    assert position not in selected
+    # the same result whatever the faulty client sends, as long as it is far
+    reference, ref_selected = bulyan([[torch.tensor(r)] for r in
+                                      [*(rows[:position]), [1e6, 1e6, 1e6], *(rows[position + 1:])]], num_byzantine=1)
+    assert selected == ref_selected and torch.equal(out[0], reference[0])
+    stacked = torch.tensor(honest)
+    assert torch.isfinite(out[0]).all()
+    assert (out[0] >= stacked.min(0).values).all() and (out[0] <= stacked.max(0).values).all()
+
+
+def test_bulyan_tolerates_two_faulty_clients_with_f_two():
+    g = torch.Generator().manual_seed(5)
+    honest = [[torch.randn(4, generator=g) * 0.1 + 1.0] for _ in range(9)]
+    updates = list(honest)
+    updates.insert(2, [torch.full((4,), 1e30)])
+    updates.insert(7, [torch.tensor([math.nan, 1.0, 1.0, 1.0])])
+    out, selected = bulyan(updates, num_byzantine=2)  # n = 11 = 4 * 2 + 3
+    assert 2 not in selected and 7 not in selected and len(selected) == 7
+    stacked = torch.stack([h[0] for h in honest])
+    assert (out[0] >= stacked.min(0).values).all() and (out[0] <= stacked.max(0).values).all()
+
+
+def test_bulyan_with_f_zero_is_the_plain_mean():
+    updates = _updates()
+    out, selected = bulyan(updates, num_byzantine=0)
+    assert sorted(selected) == [0, 1, 2, 3, 4]
+    for a, b in zip(out, fedavg(updates)):
+        torch.testing.assert_close(a, b)
+
+
+def test_bulyan_through_aggregate():
+    g = torch.Generator().manual_seed(6)
+    updates = [[torch.randn(3, generator=g)] for _ in range(7)]
+    weights = [1, 2, 3, 4, 5, 6, 7]
+    plain = bulyan(updates, 1)[0][0]
+    assert torch.equal(aggregate(updates, "bulyan", num_byzantine=1)[0], plain)
+    assert torch.equal(aggregate(updates, "bulyan", weights, num_byzantine=1)[0], plain)  # uniform ignores weights
+    weighted = aggregate(updates, "bulyan", weights, num_byzantine=1, krum_weighting="samples")[0]
+    assert torch.equal(weighted, bulyan(updates, 1, weights)[0][0]) and not torch.equal(weighted, plain)
+    with pytest.raises(ValueError, match="method 'bulyan' selects n - 2 \\* num_byzantine updates itself, got multi=3"):
+        aggregate(updates, "bulyan", multi=3)
+    with pytest.raises(ValueError, match="krum_weighting='samples' weighs Bulyan's mean by weights .*got weights=None"):
+        aggregate(updates, "bulyan", krum_weighting="samples")
+
+
+@pytest.mark.parametrize(("n", "f"), [(6, 1), (10, 2), (2, 0), (1, 0), (4, 1)])
+def test_bulyan_needs_n_at_least_4f_plus_3(n, f):
+    with pytest.raises(ValueError, match=rf"bulyan needs n >= 4 \* num_byzantine \+ 3 updates, got n={n} with f={f}"):
+        bulyan(_scalar_updates(range(n)), num_byzantine=f)
+    bulyan(_scalar_updates(range(4 * f + 3)), num_byzantine=f)  # the smallest n that works
+
+
+def test_bulyan_bad_arguments():
+    updates = _scalar_updates(range(7))
+    with pytest.raises(ValueError, match="num_byzantine must be an integer >= 0, got -1"):
+        bulyan(updates, num_byzantine=-1)
+    with pytest.raises(ValueError, match="num_byzantine must be an integer >= 0, got 0.5"):
+        bulyan(updates, num_byzantine=0.5)
+    with pytest.raises(ValueError, match=r"weights must have one entry per update \(7\), got shape \(2,\)"):
+        bulyan(updates, weights=[1, 2])
+    with pytest.raises(ValueError, match=r"bulyan weights must all be > 0 .*got \[1.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0\]"):
+        bulyan(updates, weights=[1, 0, 1, 1, 1, 1, 1])
+    with pytest.raises(TypeError, match="tensor 0 is complex"):
+        bulyan([[torch.zeros(2, dtype=torch.complex64)] for _ in range(7)])
+
+
+# --------------------------------------------------------------------- q-FedAvg
+def _qfedavg_reference(x: list[float], ys: list[list[float]], losses, q, lipschitz, weights=None) -> list[float]:
+    """Li et al. (2020), Algorithm 2, written out literally (in Decimal, so large F ** q cannot overflow)."""
+    from decimal import Decimal, localcontext
+
+    def dec(v):
+        return Decimal(repr(float(v)))
+
+    with localcontext() as context:
+        context.prec = 60
+        L, Q = dec(lipschitz), dec(q)
+        p = [dec(1.0)] * len(ys) if weights is None else [dec(w) for w in weights]
+        dw = [[L * (dec(a) - dec(b)) for a, b in zip(x, y)] for y in ys]
+        F = [dec(v) for v in losses]
+        deltas = [[F[k] ** Q * d for d in dw[k]] for k in range(len(ys))]
+        h = [Q * F[k] ** (Q - 1) * sum(d * d for d in dw[k]) + L * F[k] ** Q for k in range(len(ys))]
+        denominator = sum(pk * hk for pk, hk in zip(p, h))
+        return [float(dec(x[j]) - sum(p[k] * deltas[k][j] for k in range(len(ys))) / denominator) for j in range(len(x))]
+
+
+QF_X = [torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([[2.0]], dtype=torch.float64), torch.tensor(3)]
+QF_YS = [
+    [torch.tensor([0.3, -0.8], dtype=torch.float64), torch.tensor([[2.2]], dtype=torch.float64), torch.tensor(10)],
+    [torch.tensor([0.9, -1.0], dtype=torch.float64), torch.tensor([[1.5]], dtype=torch.float64), torch.tensor(11)],
+    [torch.tensor([0.1, -1.6], dtype=torch.float64), torch.tensor([[2.1]], dtype=torch.float64), torch.tensor(12)],
+]
+QF_LOSSES = [0.5, 1.2, 2.0]
+
+
+def _flat(tensors) -> list[float]:
+    return torch.cat([t.flatten().double() for t in tensors if t.is_floating_point()]).tolist()
+
+
+@pytest.mark.parametrize("q", [0.0, 0.5, 1.0, 5.0])
+@pytest.mark.parametrize("weights", [None, [10, 20, 5]])
+def test_qfedavg_matches_the_papers_equations(q, weights):
+    lipschitz = 1 / 0.1  # 1 / the local learning rate, as in the paper
+    out = qfedavg(QF_X, QF_YS, QF_LOSSES, q=q, lipschitz=lipschitz, weights=weights)
+    expected = _qfedavg_reference(_flat(QF_X), [_flat(y) for y in QF_YS], QF_LOSSES, q, lipschitz, weights)
+    torch.testing.assert_close(torch.tensor(_flat(out), dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-12, atol=1e-12)
+    assert out[2].item() == 10  # integer tensors come from the first update, not from global_params
+    assert out[0].dtype == torch.float64 and out[1].shape == (1, 1)
+
+
+def test_qfedavg_float32_and_large_q_without_overflow():
+    x32 = [t.float() if t.is_floating_point() else t for t in QF_X]
+    ys32 = [[t.float() if t.is_floating_point() else t for t in y] for y in QF_YS]
+    out = qfedavg(x32, ys32, QF_LOSSES, q=1.0, lipschitz=10.0)
+    expected = _qfedavg_reference(_flat(x32), [_flat(y) for y in ys32], QF_LOSSES, 1.0, 10.0)
+    assert out[0].dtype == torch.float32
+    torch.testing.assert_close(torch.tensor(_flat(out)), torch.tensor(expected, dtype=torch.float32))
+    # 20 ** 300 overflows float64: F ** q is taken relative to the largest one
+    losses = [10.0, 20.0, 15.0]
+    out = qfedavg(QF_X, QF_YS, losses, q=300.0, lipschitz=10.0)
+    expected = _qfedavg_reference(_flat(QF_X), [_flat(y) for y in QF_YS], losses, 300.0, 10.0)
+    assert all(math.isfinite(v) for v in _flat(out))
+    torch.testing.assert_close(torch.tensor(_flat(out), dtype=torch.float64), torch.tensor(expected, dtype=torch.float64))
+
+
+def test_qfedavg_with_q_zero_is_fedavg():
+    g = torch.Generator().manual_seed(4)
+    x = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g), torch.tensor(1)]
+    ys = [[x[0] + torch.randn(3, 4, generator=g), x[1] + torch.randn(5, generator=g), torch.tensor(20 + i)]
+          for i in range(4)]
+    for weights in (None, [3, 1, 0, 6]):
+        for losses in ([0.3, 2.0, 1.0, 7.0], [0.0, 0.0, 1.0, 0.0]):  # F = 0 is allowed at q = 0 (0 * F^-1 guarded)
+            out = qfedavg(x, ys, losses, q=0.0, lipschitz=7.0, weights=weights)
+            # equal up to rounding only: x - (x - mean) is not mean bit for bit
+            for a, b in zip(out, fedavg(ys, weights)):
+                torch.testing.assert_close(a, b)
+
+
+def test_qfedavg_larger_q_weighs_the_higher_loss_client_more():
+    # orthogonal moves: the result's coordinates are each client's pull, in the ratio (F_2 / F_1) ** q
+    x = [torch.zeros(2, dtype=torch.float64)]
+    ys = [[torch.tensor([1.0, 0.0], dtype=torch.float64)], [torch.tensor([0.0, 1.0], dtype=torch.float64)]]
+    losses = [1.0, 3.0]
+    ratios = []
+    for q in (0.0, 0.5, 1.0, 5.0):
+        out = qfedavg(x, ys, losses, q=q, lipschitz=10.0)[0]
+        ratios.append((out[1] / out[0]).item())
+        assert ratios[-1] == pytest.approx(3.0**q, rel=1e-12)
+    assert ratios == sorted(ratios) and ratios[0] == pytest.approx(1.0)
+    # three clients: the share of the highest-loss client grows with q
+    ys3 = [[torch.eye(3, dtype=torch.float64)[i]] for i in range(3)]
+    shares = []
+    for q in (0.0, 0.5, 1.0, 5.0):
+        out = qfedavg([torch.zeros(3, dtype=torch.float64)], ys3, [1.0, 2.0, 4.0], q=q, lipschitz=10.0)[0]
+        shares.append((out[2] / out.sum()).item())
+    assert shares == sorted(shares) and shares[-1] > 0.9
+
+
+def test_qfedavg_zero_weight_client_is_left_out_even_if_nan():
+    x = [torch.zeros(1)]
+    ys = [[torch.tensor([1.0])], [torch.tensor([math.nan])]]
+    out = qfedavg(x, ys, [1.0, 2.0], q=1.0, lipschitz=10.0, weights=[1, 0])
+    expected = _qfedavg_reference([0.0], [[1.0]], [1.0], 1.0, 10.0)
+    torch.testing.assert_close(out[0], torch.tensor(expected, dtype=torch.float32))
+    assert torch.isnan(qfedavg(x, ys, [1.0, 2.0], q=1.0, lipschitz=10.0)[0]).all()  # not robust otherwise
+
+
+def test_qfedavg_accepts_losses_as_a_tensor_or_scalar_tensors():
+    expected = qfedavg(QF_X, QF_YS, QF_LOSSES, q=1.0, lipschitz=10.0)
+    as_float64 = {"dtype": torch.float64}
+    for losses in (torch.tensor(QF_LOSSES, **as_float64), [torch.tensor(v, **as_float64) for v in QF_LOSSES],
+                   tuple(QF_LOSSES)):
+        for a, b in zip(qfedavg(QF_X, QF_YS, losses, q=1.0, lipschitz=10.0), expected):
+            assert torch.equal(a, b)
+
+
+def test_qfedavg_errors():
+    kw = {"q": 1.0, "lipschitz": 10.0}
+    for q in (-0.5, math.nan, math.inf, "1", True, None):
+        with pytest.raises(ValueError, match=rf"q must be a finite number >= 0, got {re.escape(repr(q))}"):
+            qfedavg(QF_X, QF_YS, QF_LOSSES, q=q, lipschitz=10.0)
+    for lipschitz in (0.0, -1.0, math.inf, math.nan, "10"):
+        with pytest.raises(ValueError, match=r"lipschitz must be a finite number > 0 \(the paper uses 1 / the local learning rate\), got "):
+            qfedavg(QF_X, QF_YS, QF_LOSSES, q=1.0, lipschitz=lipschitz)
+    with pytest.raises(ValueError, match=r"losses must have one entry per update \(3\), got shape \(2,\)"):
+        qfedavg(QF_X, QF_YS, [1.0, 2.0], **kw)
+    with pytest.raises(ValueError, match=r"losses must be finite, got \[1.0, nan, 2.0\]"):
+        qfedavg(QF_X, QF_YS, [1.0, math.nan, 2.0], **kw)
+    with pytest.raises(ValueError, match=r"losses must be > 0 when q > 0 \(q-FedAvg uses F_k \*\* \(q - 1\)\), got \[1.0, 0.0, 2.0\] with q=1.0"):
+        qfedavg(QF_X, QF_YS, [1.0, 0.0, 2.0], **kw)
+    with pytest.raises(ValueError, match=r"losses must be >= 0, got \[1.0, -0.1, 2.0\]"):
+        qfedavg(QF_X, QF_YS, [1.0, -0.1, 2.0], q=0.0, lipschitz=1.0)
+    with pytest.raises(TypeError, match=r"losses must be real numbers \(each client's loss at the global model\), got 'a'"):
+        qfedavg(QF_X, QF_YS, ["a", 1.0, 2.0], **kw)
+    with pytest.raises(TypeError, match="losses must be a sequence of numbers .*got float"):
+        qfedavg(QF_X, QF_YS, 1.0, **kw)
+    with pytest.raises(TypeError, match="losses must be real numbers .*got a torch.bool tensor"):
+        qfedavg(QF_X, QF_YS, torch.tensor([True, True, False]), **kw)
+    with pytest.raises(CohortMismatchError, match="global_params has 2 tensors, each update has 3"):
+        qfedavg(QF_X[:2], QF_YS, QF_LOSSES, **kw)
+    with pytest.raises(CohortMismatchError, match=r"global_params and update 0 differ at tensor 1: \(1, 2\) torch.float64 vs \(1, 1\) torch.float64"):
+        qfedavg([QF_X[0], torch.zeros(1, 2, dtype=torch.float64), QF_X[2]], QF_YS, QF_LOSSES, **kw)
+    with pytest.raises(TypeError, match="global_params must be a list of tensors like each update, got Tensor"):
+        qfedavg(torch.zeros(2), QF_YS, QF_LOSSES, **kw)
+    with pytest.raises(TypeError, match="global_params holds a float at tensor 0, expected a Tensor"):
+        qfedavg([1.0, QF_X[1], QF_X[2]], QF_YS, QF_LOSSES, **kw)
+    with pytest.raises(ValueError, match=r"weights must be >= 0 with a positive sum, got \[0.0, 0.0, 0.0\]"):
+        qfedavg(QF_X, QF_YS, QF_LOSSES, weights=[0, 0, 0], **kw)
+    with pytest.raises(TypeError, match=r"qfedavg needs real tensors; tensor 0 is complex"):
+        qfedavg([torch.zeros(2, dtype=torch.complex64)], [[torch.zeros(2, dtype=torch.complex64)]], [1.0], **kw)
