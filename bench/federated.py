@@ -39,6 +39,8 @@ round (Lightning's epoch overhead included) for comparison.
 
 Run: ``.venv/bin/python bench/federated.py`` (``--rounds 2`` for a quick look,
 ``--seeds 0 1 2`` for more seeds, ``--datasets mnist_small`` for one data set).
+``--strategies [NAME ...]`` prints the federated strategies' table instead (:mod:`strategies`: FedAvg,
+FedProx, FedAvgM, FedAdam, FedYogi, SCAFFOLD, FedBN on non-IID Fashion-MNIST, 3 seeds by default).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ TARGETS = (0.6, 0.8)
 # 2 CPU cores (mnist_small ~0.15 s), so one seed of the whole benchmark takes ~2.5 minutes, three ~7.5.
 ROUNDS = {"mnist_small": 30, "fashion_mnist": 30}
 APPENDS = 15  # bare appends timed for the append floor
+STRATEGY_ROUNDS = 40  # --strategies: rounds per run (MLP ~0.6 s, ConvNet ~1.5-2 s a round on 2 CPU cores)
 RUNS = [("FedAvg", "iid"), ("FedAvg", "pathological"), ("PoFL", "iid")]
 PHASES = ("train_seconds", "aggregate_seconds", "eval_seconds", "consensus_seconds", "ledger_seconds")
 
@@ -148,10 +151,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--datasets", nargs="+", choices=list(ROUNDS), default=list(ROUNDS),
                         help="data sets to run (Fashion-MNIST only if its Debian package is installed)")
+    parser.add_argument("--strategies", nargs="*", default=None, metavar="STRATEGY",
+                        help="instead: the strategy table (bench/strategies.py), all strategies or those named")
+    parser.add_argument("--models", nargs="+", default=["MLP", "ConvNet"], choices=["MLP", "ConvNet"],
+                        help="--strategies: the models")
     args = parser.parse_args()
     quiet_lightning()
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.strategies is not None:
+        import strategies  # bench/strategies.py
+
+        unknown = set(args.strategies) - set(strategies.STRATEGIES)
+        if unknown:
+            parser.error(f"--strategies takes {list(strategies.STRATEGIES)}, got {sorted(unknown)}")
+        rounds = args.rounds or STRATEGY_ROUNDS
+        seeds = args.seeds if args.seeds != [0] else [0, 1, 2]
+        strategies.measure(args.models, {m: rounds for m in args.models}, seeds, args.strategies or None)
+        return
     installed = (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists()
     names = [name for name in args.datasets if name != "fashion_mnist" or installed]
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {CLIENTS} clients, MLP, Adam {LR}, batch {BATCH}, "

@@ -33,6 +33,7 @@ from lightning_colearn import (
     MutualLearning,
     ParticleSwarm,
     ProofOfLearning,
+    SCAFFOLD,
 )
 from lightning_colearn.callbacks.checkpoint import EpochCheckpoint
 from lightning_colearn.data.datasets import collate_batch
@@ -65,6 +66,21 @@ def _case(name: str, out: Path) -> tuple[L.LightningModule, CohortDataModule, li
     if name == "krum":
         krum = FederatedAveraging(clients_per_round=5, aggregator="krum", max_rounds=2, eval_batches=2, seed=4)
         return CohortModule(LogisticRegression, size=6, optimizer=SGD), dm(num_members=6), [krum], limits
+    if name == "fedadam":  # the server optimizer's state on every rank; clients failing before they report
+        fed = FederatedAveraging(clients_per_round=4, server_optimizer="fedadam", dropout=0.3, max_rounds=3, eval_batches=2, seed=3)
+        return CohortModule(LogisticRegression, size=6, optimizer=SGD), dm(num_members=6), [fed], dict(limits, max_epochs=3)
+    if name == "scaffold":  # control variates: the correction on the training rank, the updates on every rank
+        fed = SCAFFOLD(clients_per_round=4, max_rounds=3, eval_batches=2, seed=3)
+        return CohortModule(LogisticRegression, size=6, optimizer=SGD), dm(num_members=6), [fed], dict(limits, max_epochs=3)
+    if name == "fedbn":  # personal BatchNorm; every client scored on its own test split by its rank
+        fed = FederatedAveraging(clients_per_round=3, personal="batchnorm", max_rounds=2, eval_batches=2, seed=3)
+        return CohortModule(BNNet, size=5, optimizer=SGD), dm(num_members=5, splits=(0.8, 0.0, 0.2)), [fed], limits
+    if name == "qfedavg":  # each client's loss at the global model, computed by its rank
+        fed = FederatedAveraging(clients_per_round=4, aggregator="qfedavg", q=1.0, max_rounds=2, eval_batches=2, seed=3)
+        return CohortModule(LogisticRegression, size=6, optimizer=SGD), dm(num_members=6), [fed], limits
+    if name == "bulyan":
+        fed = FederatedAveraging(clients_per_round=7, aggregator="bulyan", max_rounds=2, eval_batches=2, seed=4)
+        return CohortModule(LogisticRegression, size=8, optimizer=SGD), dm(num_members=8), [fed], limits
     if name == "pofl":
         pofl = ProofOfLearning(miners=2, clients_per_round=4, threshold=0.2, ledger=str(out / "ledger.db"),
                                max_rounds=3, eval_batches=2, seed=5)
@@ -84,7 +100,7 @@ def _case(name: str, out: Path) -> tuple[L.LightningModule, CohortDataModule, li
 
 
 CASES = ("independent", "independent_stacked", "wrapped", "swarm", "swarm_metric", "voting", "fedavg", "krum", "pofl", "mutual",
-         "mutual_bf16")
+         "mutual_bf16", "fedadam", "scaffold", "fedbn", "qfedavg", "bulyan")
 
 
 class Classifier(L.LightningModule):

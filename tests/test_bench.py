@@ -73,3 +73,14 @@ def test_data_path_bench_prints_its_ratios():
     assert list(rows) == ["tensor path", "generic Dataset", "generic + __getitems__", "generic, in_memory", "plain PyTorch loop"]
     assert re.search(r"MLP: generic / tensor [\d.]+x \((PASS|FAIL)", result.stdout)
     assert "GPU available" not in result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_strategy_table_prints_a_row_per_strategy():
+    result = _run(["federated.py", "--strategies", "FedAvg", "FedAdam", "SCAFFOLD", "--rounds", "1", "--seeds", "0",
+                   "--models", "MLP"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| MLP |")]
+    assert [(row[1], row[2]) for row in rows] == [(p, s) for p in ("Dirichlet 0.1", "2-label shards")
+                                                  for s in ("FedAvg", "FedAdam", "SCAFFOLD")]
+    assert all(0 <= float(row[5].split()[0]) <= 1 for row in rows)
