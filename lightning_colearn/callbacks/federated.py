@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from lightning_colearn.callbacks.rounds import ClientRounds
 from lightning_colearn.functional import arithmetic as FA
-from lightning_colearn.functional.aggregation import AGGREGATORS, KRUM_WEIGHTINGS, aggregate, fedprox_term, qfedavg
+from lightning_colearn.functional.aggregation import AGGREGATORS, KRUM_WEIGHTINGS, aggregate, fednova, fedprox_term, qfedavg
 from lightning_colearn.functional.server import (is_identity_server, pseudo_gradient, scaffold_client_variate,
                                                  scaffold_server_variate)
 from lightning_colearn.metrics.scoring import score
@@ -61,7 +61,7 @@ __all__ = ["FederatedAveraging", "SCAFFOLD", "SERVER_OPTIMIZERS", "STRATEGIES", 
 #: Server optimizers by name (``server_optimizer=``); any ``params -> torch.optim.Optimizer`` factory works too.
 SERVER_OPTIMIZERS = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
 #: What ``aggregator=`` takes: the robust aggregators, and q-FedAvg.
-STRATEGIES = (*AGGREGATORS, "qfedavg")
+STRATEGIES = (*AGGREGATORS, "qfedavg", "fednova")
 
 
 
@@ -73,7 +73,9 @@ class FederatedAveraging(ClientRounds):
             eval_dataloader, eval_batches, reset_client_optimizer, dropout, min_completion, seed:
             see :class:`~lightning_colearn.callbacks.rounds.ClientRounds`.
         aggregator: one of :data:`STRATEGIES`: ``fedavg``, ``median``, ``trimmed_mean``, ``krum``,
-            ``multi_krum``, ``bulyan``, ``qfedavg``.
+            ``multi_krum``, ``bulyan``, ``qfedavg``, ``fednova`` (each client's update normalized by its
+            local steps, Wang et al. 2020: for clients doing unequal work, e.g. ``max_local_steps=(2, 30)``;
+            with SGD momentum from the client's optimizer, otherwise plain steps).
         mu: FedProx proximal weight (0: plain local training).
         trim_ratio: fraction trimmed at each end by ``trimmed_mean``.
         num_byzantine: corrupt clients ``krum`` / ``multi_krum`` / ``bulyan`` tolerate.
@@ -287,6 +289,10 @@ class FederatedAveraging(ClientRounds):
             lr = _client_lr(pl_module, clients[0])
             return qfedavg([self._global_state[k] for k in shared], updates, losses, q=self.q,  # type: ignore[index]
                            lipschitz=1.0 / lr, weights=weights)
+        if self.aggregator == "fednova":
+            steps = [max(self.round_steps(c), 1) for c in clients]
+            momentum = float(pl_module.member_optimizers()[clients[0]].param_groups[0].get("momentum", 0.0) or 0.0)
+            return fednova([self._global_state[k] for k in shared], updates, steps, weights, momentum=momentum)  # type: ignore[index]
         return aggregate(updates, self.aggregator, weights, trim_ratio=self.trim_ratio,
                          num_byzantine=self.num_byzantine, krum_weighting=self.krum_weighting)
 

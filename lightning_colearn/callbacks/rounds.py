@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,9 @@ class ClientRounds(PicklableGenerator, Callback):
             ``(seed, round)``, so the client samples do not change with it.
         min_completion: fraction of a round's sampled clients that must report; fewer, and the round is
             discarded and logged (Flower's FaultTolerantFedAvg).
+        max_local_steps: stragglers: each sampled client stops after this many optimizer steps in a round,
+            an int, or ``(low, high)`` to draw each client's limit uniformly per round from ``(seed, round)``
+            (heterogeneous local work, as FedNova studies; ``None``: every client does its full passes).
         seed: seeds client sampling (its state is checkpointed).
     """
 
@@ -92,6 +96,7 @@ class ClientRounds(PicklableGenerator, Callback):
         reset_client_optimizer: bool = True,
         dropout: float = 0.0,
         min_completion: float = 0.0,
+        max_local_steps: int | Sequence[int] | None = None,
         seed: int = 0,
     ) -> None:
         errors = self._check_arguments(
@@ -102,8 +107,15 @@ class ClientRounds(PicklableGenerator, Callback):
         for name, value, high in (("dropout", dropout, "1)"), ("min_completion", min_completion, "1]")):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1 or (name == "dropout" and value == 1):
                 errors.append(f"{name} must be a number in [0, {high}, got {value!r}")
+        limits = [max_local_steps] if is_int_at_least(max_local_steps, 1) else max_local_steps
+        if max_local_steps is not None and not (
+                isinstance(limits, Sequence) and not isinstance(limits, (str, bytes)) and len(limits) in (1, 2)
+                and all(is_int_at_least(v, 1) for v in limits)
+                and limits[0] <= limits[-1]):
+            errors.append(f"max_local_steps must be None, an int >= 1 or (low, high) with 1 <= low <= high, got {max_local_steps!r}")
         if errors:
             raise ValueError(f"{type(self).__name__}: " + "; ".join(errors))
+        self.max_local_steps = None if max_local_steps is None else (int(limits[0]), int(limits[-1]))
         self.maximize = higher_is_better(criterion, maximize) if criterion is not None else (True if maximize is None else maximize)
         self.clients_per_round, self.local_epochs, self.max_rounds = clients_per_round, local_epochs, max_rounds
         self.target, self.stop_at_target, self.criterion = target, stop_at_target, criterion
@@ -202,8 +214,9 @@ class ClientRounds(PicklableGenerator, Callback):
                     pl_module.reset_member_optimizer(c)
         elif not hasattr(self, "_round_start"):  # resumed in the middle of a round
             self._round_start = time.perf_counter()
-        self._remaining = {c: own_pass_steps(trainer, c) for c in self._clients}
-        pl_module.active_members = list(self._clients)
+        budgets = self.step_budgets(self._clients)
+        self._remaining = {c: min(own_pass_steps(trainer, c), budgets[c] - self._round_steps.get(c, 0)) for c in self._clients}
+        pl_module.active_members = [c for c in self._clients if self._remaining[c] > 0]
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: CohortModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._clients is None:
@@ -260,6 +273,15 @@ class ClientRounds(PicklableGenerator, Callback):
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.round) * 1_000_003 + 7)
         draws = torch.rand(len(clients), generator=generator, dtype=torch.float64)
         return [c for c, u in zip(clients, draws.tolist()) if u < self.dropout]
+
+    def step_budgets(self, clients: list[int]) -> dict[int, float]:
+        """Each client's most optimizer steps this round (``max_local_steps``; ``inf`` without it), from ``(seed, round)``."""
+        if self.max_local_steps is None:
+            return {c: math.inf for c in clients}
+        low, high = self.max_local_steps
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.round) * 1_000_003 + 11)
+        drawn = torch.randint(low, high + 1, (len(clients),), generator=generator).tolist()
+        return dict(zip(clients, drawn))
 
     def round_steps(self, client: int) -> int:
         """Optimizer steps ``client`` took in the round in progress (SCAFFOLD's K)."""

@@ -74,7 +74,9 @@ __all__ = [
     "bulyan",
     "coordinate_median",
     "fedavg",
+    "fednova",
     "fedprox_term",
+    "local_step_norm",
     "krum",
     "qfedavg",
     "trimmed_mean",
@@ -762,3 +764,81 @@ def fedprox_term(params: Sequence[Tensor], global_params: Sequence[Tensor], mu: 
         device = params[0].device if len(params) else None
         total = torch.zeros((), device=device)
     return (float(mu) / 2) * total
+
+
+# ------------------------------------------------------------------- FedNova
+def local_step_norm(steps: int, momentum: float = 0.0) -> float:
+    """``||a_i||_1`` of FedNova for ``steps`` local SGD steps with heavy-ball ``momentum`` (Wang et al. 2020, eq. 11).
+
+    Plain SGD: ``steps``. With momentum ``rho``: ``(steps - rho * (1 - rho^steps) / (1 - rho)) / (1 - rho)``,
+    how far ``steps`` momentum steps move compared with one plain step of the same gradient.
+
+    Example:
+        >>> local_step_norm(5), round(local_step_norm(2, momentum=0.5), 6)
+        (5.0, 2.5)
+    """
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    rho = _as_real(momentum) if not isinstance(momentum, bool) else math.nan
+    if not (math.isfinite(rho) and 0 <= rho < 1):
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    if rho == 0:
+        return float(steps)
+    return (steps - rho * (1 - rho**steps) / (1 - rho)) / (1 - rho)
+
+
+@torch.no_grad()
+def fednova(
+    global_params: Sequence[Tensor],
+    updates: Sequence[Sequence[Tensor]],
+    steps: Sequence[int],
+    weights: Sequence[float] | Tensor | None = None,
+    *,
+    momentum: float = 0.0,
+) -> list[Tensor]:
+    """FedNova's normalized averaging (Wang et al. 2020, "Tackling the Objective Inconsistency Problem in
+    Heterogeneous Federated Optimization").
+
+    Clients that take more local steps move further; FedAvg then weighs their direction more than their
+    data warrant and converges to another objective. FedNova averages each client's update per local
+    step and rescales by the effective number of steps::
+
+        d_i   = (x - y_i) / a_i                 a_i = local_step_norm(steps_i, momentum)
+        tau   = sum_i p_i a_i                   p_i = weights_i / sum_j weights_j
+        x+    = x - tau * sum_i p_i d_i
+
+    With equal ``steps`` this is :func:`fedavg` (up to rounding). Float64 arithmetic, cast back;
+    non-floating tensors come from the first update.
+
+    Example:
+        >>> import torch
+        >>> x = [torch.tensor([0.0])]
+        >>> ys = [[torch.tensor([1.0])], [torch.tensor([4.0])]]     # client 1 took 4 steps, client 0 one
+        >>> fedavg(ys), fednova(x, ys, steps=[1, 4])                 # FedAvg follows the busy client
+        ([tensor([2.5000])], [tensor([2.5000])])
+        >>> fednova(x, [[torch.tensor([1.0])], [torch.tensor([2.0])]], steps=[1, 4])
+        [tensor([1.8750])]
+    """
+    _check_updates(updates, "fednova")
+    n = len(updates)
+    if isinstance(steps, (str, bytes)) or not hasattr(steps, "__len__") or len(steps) != n:
+        raise ValueError(f"steps must hold one local step count per update ({n}), got {steps!r}")
+    norms = torch.tensor([local_step_norm(s, momentum) for s in steps], dtype=torch.float64)
+    w = torch.ones(n, dtype=torch.float64) if weights is None else _check_weights(weights, n)
+    p = w / w.sum()
+    global_params = list(global_params)
+    if len(global_params) != len(updates[0]):
+        raise CohortMismatchError(f"global_params has {len(global_params)} tensors, each update has {len(updates[0])}")
+    tau = float((p * norms).sum())
+    coef = p / norms * tau
+    out = []
+    for k, x in enumerate(global_params):
+        if not x.is_floating_point():
+            out.append(updates[0][k].clone())
+            continue
+        if x.shape != updates[0][k].shape:
+            raise CohortMismatchError(f"global_params and update 0 differ at tensor {k}: {tuple(x.shape)} vs {tuple(updates[0][k].shape)}")
+        x64 = x.detach().to(torch.float64)
+        gaps = x64 - _stack([u[k] for u in updates]).to(device=x64.device, dtype=torch.float64)
+        out.append((x64 - torch.tensordot(coef.to(x64.device), gaps, dims=1)).to(x.dtype))
+    return out

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from helpers import Probe, fast_trainer, same_state, states
 from lightning_colearn import SCAFFOLD, CohortDataModule, CohortModule, FederatedAveraging, ProofOfLearning
-from lightning_colearn.functional.aggregation import fedavg, qfedavg
+from lightning_colearn.functional.aggregation import fedavg, fednova, qfedavg
 from lightning_colearn.models import ConvNet, LogisticRegression
 
 SGD = partial(torch.optim.SGD, lr=0.1)
@@ -357,3 +357,32 @@ def test_pofl_refuses_what_needs_one_server_model_and_takes_client_failures(tmp_
     run(pofl, epochs=4)
     assert any(r["failed"] for r in pofl.history)
     assert all(r["block"] is None for r in pofl.history if "discarded" in str(r["reason"]))
+
+
+# ------------------------------------------------------------------ stragglers and FedNova
+def test_stragglers_stop_at_their_drawn_step_budget_and_fednova_normalizes_their_updates():
+    seen, probe = recorder()
+    dm = clients_dm(6, max_train_samples=2000)  # ~16 batches a client: the budgets bind
+    fed = FederatedAveraging(clients_per_round=4, max_local_steps=(1, 6), aggregator="fednova", seed=3)
+    module = run(fed, epochs=2, probe=probe, dm=dm, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.5))
+    for r, record in enumerate(fed.history):
+        fed.round = r  # the budgets are a function of (seed, round)
+        budgets = fed.step_budgets(record["clients"])
+        moved = {c: not same_state(seen["trained"][r][c], seen["start"][r][c]) for c in record["clients"]}
+        assert all(moved.values()) and len(set(budgets.values())) > 1
+        x = seen["start"][r][record["clients"][0]]
+        steps = [min(budgets[c], math.ceil(dm.member_sizes("train")[c] / 20)) for c in record["clients"]]
+        expected = fednova(list(x.values()), [list(seen["trained"][r][c].values()) for c in record["clients"]], steps,
+                           [dm.member_sizes("train")[c] for c in record["clients"]], momentum=0.5)
+        after = seen["start"][r + 1] if r + 1 < len(seen["start"]) else states(module)
+        for got, want in zip(after[0].values(), expected):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"max_local_steps must be None, an int >= 1 or \(low, high\) .*got \(5, 2\)"):
+        FederatedAveraging(max_local_steps=(5, 2))
+
+
+def test_fednova_with_equal_steps_is_fedavg():
+    updates = [[torch.randn(3, 2), torch.randn(2)] for _ in range(4)]
+    x = [torch.zeros(3, 2), torch.zeros(2)]
+    for got, want in zip(fednova(x, updates, [5] * 4, [1, 2, 3, 4], momentum=0.9), fedavg(updates, [1, 2, 3, 4])):
+        torch.testing.assert_close(got, want)
