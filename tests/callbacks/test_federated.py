@@ -152,7 +152,7 @@ def test_fedavg_resumed_mid_round_equals_uninterrupted_run(tmp_path):
     [
         (dict(clients_per_round=0), "clients_per_round must be an int >= 1"),
         (dict(local_epochs=0), "local_epochs must be an int >= 1, got 0"),
-        (dict(aggregator="mean"), "aggregator must be one of ['fedavg', 'median', 'trimmed_mean', 'krum', 'multi_krum', 'bulyan', 'qfedavg'], got 'mean'"),
+        (dict(aggregator="mean"), "aggregator must be one of ['fedavg', 'median', 'trimmed_mean', 'krum', 'multi_krum', 'bulyan', 'qfedavg', 'fednova'], got 'mean'"),
         (dict(mu=-1.0), "mu must be a finite number >= 0, got -1.0"),
         (dict(mu=math.inf), "mu must be a finite number >= 0, got inf"),
         (dict(seed="a"), "seed must be an int >= 0, got 'a'"),
