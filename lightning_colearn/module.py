@@ -340,8 +340,8 @@ class CohortModule(L.LightningModule):
         if not stepped:
             return None
         self.stepped_members = stepped
-        # every rank steps (its own members): Lightning counts global_step on each rank alike
-        opt.step(members=own)
+        # every rank steps (its own members, maybe none this step): Lightning counts global_step on each rank alike
+        opt.step(members=own, allow_empty=True)
         self._step_schedulers("step")
         if written:
             # every member, in order (the common case): whole-tensor ops, no list-to-index conversions

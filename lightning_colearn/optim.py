@@ -89,13 +89,14 @@ class CohortOptimizer(Optimizer):
         # Optimizer.__init__ assigns an empty state; the members own theirs.
         pass
 
-    def step(self, closure: Callable[[], Any] | None = None, members: Sequence[int] | None = None) -> Any:  # type: ignore[override]
-        """Run ``closure`` once, then step every member (or only ``members``)."""
+    def step(self, closure: Callable[[], Any] | None = None, members: Sequence[int] | None = None,
+             allow_empty: bool = False) -> Any:  # type: ignore[override]
+        """Run ``closure`` once, then step every member (or only ``members``; with ``allow_empty``, none for ``[]``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        picked = _stepped_members(members, len(self.optimizers))
+        picked = _stepped_members(members, len(self.optimizers), allow_empty)
         for i in range(len(self.optimizers)) if picked is None else picked:
             self.optimizers[i].step()
         return loss
@@ -239,18 +240,20 @@ class StackedOptimizer(Optimizer):
             self._state["step"] = [torch.zeros(len(self.param_groups), device=p.device) for p in self.stacked]
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None, members: Sequence[int] | None = None) -> Any:  # type: ignore[override]
-        """Run ``closure`` once, then step every member (or only ``members``) whose gradients exist."""
+    def step(self, closure: Callable[[], Any] | None = None, members: Sequence[int] | None = None,
+             allow_empty: bool = False) -> Any:  # type: ignore[override]
+        """Run ``closure`` once, then step every member (or only ``members``; with ``allow_empty``, none for ``[]``)
+        whose gradients exist."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if any(p.grad is None for p in self.stacked):
+        n = len(self.param_groups)
+        picked = _stepped_members(members, n, allow_empty)
+        if picked == [] or any(p.grad is None for p in self.stacked):
             return loss
         self._ensure_state()
-        n = len(self.param_groups)
         device = self.stacked[0].device
-        picked = _stepped_members(members, n)
         rows = None if picked is None else torch.tensor(picked, device=device)
         take = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))  # noqa: E731
         params = [take(p.data) for p in self.stacked]
@@ -440,12 +443,17 @@ def _member_states(state_dict: Any, n: int) -> list[Any]:
     return members
 
 
-def _stepped_members(members: Sequence[int] | None, n: int) -> list[int] | None:
-    """The distinct members ``step(members=...)`` names, sorted; None for all of them (``None`` or every index)."""
+def _stepped_members(members: Sequence[int] | None, n: int, allow_empty: bool = False) -> list[int] | None:
+    """The distinct members ``step(members=...)`` names, sorted; None for all of them (``None`` or every index).
+
+    An empty ``members`` is a mistake unless ``allow_empty``: then it is a step of no member (under DDP a
+    rank whose members all sit a step out still steps with the others, so Lightning counts steps alike)."""
     if members is None:
         return None
     members = list(members)
     if not members:
+        if allow_empty:
+            return []
         raise ValueError("step(members=...) needs at least one member index, got none (pass members=None for all)")
     picked = sorted({member_index(m, n) for m in members})
     return None if picked == list(range(n)) else picked

@@ -78,6 +78,9 @@ def _case(name: str, out: Path) -> tuple[L.LightningModule, CohortDataModule, li
     if name == "qfedavg":  # each client's loss at the global model, computed by its rank
         fed = FederatedAveraging(clients_per_round=4, aggregator="qfedavg", q=1.0, max_rounds=2, eval_batches=2, seed=3)
         return CohortModule(LogisticRegression, size=6, optimizer=SGD), dm(num_members=6), [fed], limits
+    if name == "fednova":  # stragglers' step budgets and FedNova's per-step normalization, steps counted on every rank
+        fed = FederatedAveraging(clients_per_round=4, aggregator="fednova", max_local_steps=(1, 3), max_rounds=2, seed=5)
+        return CohortModule(LogisticRegression, size=6, optimizer=SGD), dm(num_members=6), [fed], limits
     if name == "bulyan":
         fed = FederatedAveraging(clients_per_round=7, aggregator="bulyan", max_rounds=2, eval_batches=2, seed=4)
         return CohortModule(LogisticRegression, size=8, optimizer=SGD), dm(num_members=8), [fed], limits
@@ -100,7 +103,7 @@ def _case(name: str, out: Path) -> tuple[L.LightningModule, CohortDataModule, li
 
 
 CASES = ("independent", "independent_stacked", "wrapped", "swarm", "swarm_metric", "voting", "fedavg", "krum", "pofl", "mutual",
-         "mutual_bf16", "fedadam", "scaffold", "fedbn", "qfedavg", "bulyan")
+         "mutual_bf16", "fedadam", "scaffold", "fedbn", "qfedavg", "bulyan", "fednova")
 
 
 class Classifier(L.LightningModule):

@@ -236,3 +236,16 @@ def test_cohort_optimizer_member_indices_are_checked():
     for call in (lambda: opt.member_state_dict(n), lambda: opt.reset_member(-n - 1), lambda: opt.load_member_state_dict(1.0, {})):
         with pytest.raises(IndexError, match="member index must be an int"):
             call()
+
+
+def test_an_allowed_empty_member_list_steps_no_member():
+    """Under DDP a rank whose members all sit a step out still calls step (Lightning counts steps on every rank)."""
+    models = [torch.nn.Linear(3, 2) for _ in range(3)]
+    opt = CohortOptimizer(_make_opts(models))
+    for m in models:
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for m in models for p in m.parameters()]
+    opt.step(members=[], allow_empty=True)
+    assert all(torch.equal(a, p) for a, p in zip(before, (p for m in models for p in m.parameters())))
+    assert not opt.state  # no member's state was created
