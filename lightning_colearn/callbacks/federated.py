@@ -372,6 +372,14 @@ class FederatedAveraging(ClientRounds):
     # ------------------------------------------------------------ checkpoint
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         self._module = pl_module
+        if self._clients is not None and self._global_state is None:  # a mid-round checkpoint without round_start
+            # (written before round starts were checkpointed): between rounds every member held the global
+            # model, and the clients not sampled still do
+            holder = next((i for i in range(pl_module.size) if i not in self._clients), None)
+            if holder is None or self._personal_names or self.aggregator == "qfedavg":
+                raise ValueError(f"{type(self).__name__} cannot resume this mid-round checkpoint: it has no round start "
+                                 "state; resume from a round boundary")
+            self.start_round(trainer, pl_module, [holder])
         super().on_train_epoch_start(trainer, pl_module)
 
     def state_dict(self) -> dict[str, Any]:

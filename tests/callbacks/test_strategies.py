@@ -386,3 +386,24 @@ def test_fednova_with_equal_steps_is_fedavg():
     x = [torch.zeros(3, 2), torch.zeros(2)]
     for got, want in zip(fednova(x, updates, [5] * 4, [1, 2, 3, 4], momentum=0.9), fedavg(updates, [1, 2, 3, 4])):
         torch.testing.assert_close(got, want)
+
+
+def test_a_mid_round_checkpoint_without_round_start_resumes_from_a_client_that_was_not_sampled(tmp_path):
+    """Checkpoints written before round starts were saved hold none: the global model is read off an idle client."""
+    def fit(epochs, ckpt_path=None, every_epoch=False):
+        L.seed_everything(0, verbose=False)
+        module = CohortModule(LogisticRegression, size=6, optimizer=partial(torch.optim.SGD, lr=0.1))
+        fed = FederatedAveraging(clients_per_round=3, local_epochs=2, mu=0.1, seed=4)
+        callbacks = [fed] + ([ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)] if every_epoch else [])
+        fast_trainer(max_epochs=epochs, callbacks=callbacks, enable_checkpointing=every_epoch).fit(
+            module, datamodule=clients_dm(), ckpt_path=ckpt_path)
+        return module, fed
+
+    straight, _ = fit(4)
+    fit(1, every_epoch=True)
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    (key,) = [k for k in checkpoint["callbacks"] if k.startswith("FederatedAveraging")]
+    assert checkpoint["callbacks"][key].pop("round_start") is not None
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    resumed, _ = fit(4, ckpt_path=tmp_path / "old.ckpt")
+    assert all(same_state(a, b) for a, b in zip(states(straight), states(resumed)))
