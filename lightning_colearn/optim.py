@@ -519,7 +519,28 @@ class _AdaptiveServerOptimizer(Optimizer):
         return loss
 
 
-class FedAdam(_AdaptiveServerOptimizer):
+class _TwoBetaServerOptimizer(_AdaptiveServerOptimizer):
+    """FedAdam and FedYogi: ``lr``, ``betas = (beta1, beta2)`` and ``tau``; they differ in their step function only."""
+
+    _step_function: Callable[..., None]
+
+    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99), tau: float = 1e-3) -> None:
+        _check_positive("lr", lr)
+        _check_betas(betas)
+        _check_positive("tau", tau)
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "tau": tau})
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        _check_positive("lr", group["lr"])
+        _check_betas(group["betas"])
+        _check_positive("tau", group["tau"])
+
+    def _step_group(self, group: dict[str, Any], params: list, grads: list, exp_avgs: list, seconds: list) -> None:
+        beta1, beta2 = _check_betas(group["betas"])
+        type(self)._step_function(params, grads, exp_avgs, seconds, lr=group["lr"], beta1=beta1, beta2=beta2, tau=group["tau"])
+
+
+class FedAdam(_TwoBetaServerOptimizer):
     """FedAdam: Adam on the server's pseudo-gradient (Reddi et al., 2021, "Adaptive Federated Optimization", Algorithm 2).
 
     With ``g = x - aggregate`` (the paper's ``-Delta_t``), per coordinate::
@@ -556,23 +577,10 @@ class FedAdam(_AdaptiveServerOptimizer):
         tensor([ 0.0990, -0.0995])
     """
 
-    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99), tau: float = 1e-3) -> None:
-        _check_positive("lr", lr)
-        _check_betas(betas)
-        _check_positive("tau", tau)
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "tau": tau})
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        _check_positive("lr", group["lr"])
-        _check_betas(group["betas"])
-        _check_positive("tau", group["tau"])
-
-    def _step_group(self, group: dict[str, Any], params: list, grads: list, exp_avgs: list, seconds: list) -> None:
-        beta1, beta2 = _check_betas(group["betas"])
-        fedadam_step_(params, grads, exp_avgs, seconds, lr=group["lr"], beta1=beta1, beta2=beta2, tau=group["tau"])
+    _step_function = staticmethod(fedadam_step_)
 
 
-class FedYogi(_AdaptiveServerOptimizer):
+class FedYogi(_TwoBetaServerOptimizer):
     """FedYogi: Yogi on the server's pseudo-gradient (Reddi et al., 2021, Algorithm 2; Yogi: Zaheer et al., 2018).
 
     With ``g = x - aggregate`` (the paper's ``-Delta_t``), per coordinate::
@@ -608,20 +616,7 @@ class FedYogi(_AdaptiveServerOptimizer):
         tensor([0.0100, 0.0400])
     """
 
-    def __init__(self, params: Any, lr: float = 1e-2, betas: tuple[float, float] = (0.9, 0.99), tau: float = 1e-3) -> None:
-        _check_positive("lr", lr)
-        _check_betas(betas)
-        _check_positive("tau", tau)
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "tau": tau})
-
-    def _check_group(self, group: dict[str, Any]) -> None:
-        _check_positive("lr", group["lr"])
-        _check_betas(group["betas"])
-        _check_positive("tau", group["tau"])
-
-    def _step_group(self, group: dict[str, Any], params: list, grads: list, exp_avgs: list, seconds: list) -> None:
-        beta1, beta2 = _check_betas(group["betas"])
-        fedyogi_step_(params, grads, exp_avgs, seconds, lr=group["lr"], beta1=beta1, beta2=beta2, tau=group["tau"])
+    _step_function = staticmethod(fedyogi_step_)
 
 
 class FedAdagrad(_AdaptiveServerOptimizer):
