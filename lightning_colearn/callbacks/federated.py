@@ -503,10 +503,19 @@ class SCAFFOLD(FederatedAveraging):
             new[client] = scaffold_client_variate(c_i, c, x, y_i, steps=steps, lr=_client_lr(pl_module, client),
                                                   option=self.option, grad_at_x=grad)
             deltas.append([a - b for a, b in zip(new[client], c_i)])
-        record = super().finish_round(trainer, pl_module, clients)
-        if record["installed"]:  # c += (1/N) * sum of the reporting clients' variate changes (the paper's |S|/N mean)
-            self.server_variate = scaffold_server_variate(c, deltas, num_clients=pl_module.size)
-            self.client_variates.update(new)
+        server_variate = scaffold_server_variate(c, deltas, num_clients=pl_module.size)
+        if not all(FA.is_finite(v) for v in (server_variate, *new.values())):
+            # A diverging client (huge but finite weights) gives non-finite variates, which would turn every later
+            # round's corrected gradients NaN: the round is discarded, variates and model alike.
+            self.revert_clients(trainer, pl_module, clients)
+            record = {"score": self.server_score(trainer, pl_module, 0), "installed": False,
+                      "reason": "non-finite control variates: round discarded"}
+            self._end()
+        else:
+            record = super().finish_round(trainer, pl_module, clients)
+            if record["installed"]:  # c += (1/N) * sum of the reporting clients' variate changes (the paper's |S|/N mean)
+                self.server_variate = server_variate
+                self.client_variates.update(new)
         self._corrections = {}
         return record
 

@@ -407,3 +407,18 @@ def test_a_mid_round_checkpoint_without_round_start_resumes_from_a_client_that_w
     torch.save(checkpoint, tmp_path / "old.ckpt")
     resumed, _ = fit(4, ckpt_path=tmp_path / "old.ckpt")
     assert all(same_state(a, b) for a, b in zip(states(straight), states(resumed)))
+
+
+def test_scaffold_discards_a_round_whose_control_variates_overflow():
+    seen, probe = recorder()
+
+    def diverge(trainer, module):  # a client whose weights blew up, finite but near float32's limit
+        with torch.no_grad():
+            next(module.cohort[trainer.callbacks[1]._clients[0]].parameters()).fill_(3e38)
+
+    sc = SCAFFOLD(clients_per_round=3)
+    module = run(sc, epochs=2, probe=Probe(trained=diverge))
+    assert [r["installed"] for r in sc.history] == [False, False]
+    assert all(r["reason"] == "non-finite control variates: round discarded" for r in sc.history)
+    assert sc.server_variate is None and sc.client_variates == {}
+    assert all(torch.isfinite(t).all() for s in states(module) for t in s.values())
