@@ -167,7 +167,8 @@ def main() -> None:
             parser.error(f"--strategies takes {list(strategies.STRATEGIES)}, got {sorted(unknown)}")
         rounds = args.rounds or STRATEGY_ROUNDS
         seeds = args.seeds if args.seeds != [0] else [0, 1, 2]
-        strategies.measure(args.models, {m: rounds for m in args.models}, seeds, args.strategies or None)
+        data = "mnist_small" if args.datasets == ["mnist_small"] else None  # (a quick look; default: Fashion-MNIST)
+        strategies.measure(args.models, {m: rounds for m in args.models}, seeds, args.strategies or None, data)
         return
     installed = (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").exists()
     names = [name for name in args.datasets if name != "fashion_mnist" or installed]

@@ -51,8 +51,8 @@ def dataset() -> str:
     return "fashion_mnist" if (DEBIAN_FASHION_MNIST / "train-images-idx3-ubyte.gz").is_file() else "mnist_small"
 
 
-def run(model: str, partition: str, strategy: str, rounds: int, seed: int) -> dict:
-    dm = CohortDataModule(dataset(), num_members=CLIENTS, batch_size=BATCH, eval_batch_size=1000, splits=(0.9, 0.0, 0.1),
+def run(model: str, partition: str, strategy: str, rounds: int, seed: int, data: str | None = None) -> dict:
+    dm = CohortDataModule(data or dataset(), num_members=CLIENTS, batch_size=BATCH, eval_batch_size=1000, splits=(0.9, 0.0, 0.1),
                           seed=seed, **PARTITIONS[partition])
     L.seed_everything(seed, verbose=False)
     factory = MLP if model == "MLP" else partial(ConvNet, batch_norm=strategy == "FedBN")
@@ -70,8 +70,9 @@ def run(model: str, partition: str, strategy: str, rounds: int, seed: int) -> di
     return {"reached": reached, "final": scores[-1], "seconds": seconds, "own": own}
 
 
-def measure(models: list[str], rounds: dict[str, int], seeds: list[int], strategies: list[str] | None = None) -> None:
-    print(f"{dataset()}, {CLIENTS} clients, {PER_ROUND} per round, SGD lr {LR}, batch {BATCH}, 1 local epoch, "
+def measure(models: list[str], rounds: dict[str, int], seeds: list[int], strategies: list[str] | None = None,
+            data: str | None = None) -> None:
+    print(f"{data or dataset()}, {CLIENTS} clients, {PER_ROUND} per round, SGD lr {LR}, batch {BATCH}, 1 local epoch, "
           f"seeds {seeds}, torch threads {torch.get_num_threads()}\n")
     print("| model | partition | strategy | rounds to 0.6 | rounds to 0.7 | final accuracy (mean, range) "
           "| clients' own test splits | s/round |")
@@ -81,7 +82,7 @@ def measure(models: list[str], rounds: dict[str, int], seeds: list[int], strateg
             for strategy in strategies or STRATEGIES:
                 if strategy == "FedBN" and model != "ConvNet":
                     continue  # FedBN needs BatchNorm layers: the ConvNet's
-                results = [run(model, partition, strategy, rounds[model], seed) for seed in seeds]
+                results = [run(model, partition, strategy, rounds[model], seed, data) for seed in seeds]
                 reached = []
                 for t in TARGETS:
                     values = [r["reached"][t] for r in results]

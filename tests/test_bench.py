@@ -78,7 +78,7 @@ def test_data_path_bench_prints_its_ratios():
 @pytest.mark.slow
 def test_strategy_table_prints_a_row_per_strategy():
     result = _run(["federated.py", "--strategies", "FedAvg", "FedAdam", "SCAFFOLD", "--rounds", "1", "--seeds", "0",
-                   "--models", "MLP"])
+                   "--models", "MLP", "--datasets", "mnist_small"])
     assert result.returncode == 0, result.stderr[-2000:]
     rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| MLP |")]
     assert [(row[1], row[2]) for row in rows] == [(p, s) for p in ("Dirichlet 0.1", "2-label shards")
