@@ -118,6 +118,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
         raise ConfigError(f"cohort.size is {size} but cohort.members lists {len(members)} models; make them agree")
     stream = cfg.algorithm.get("data_stream")  # an algorithm may need one shared batch stream
     extra = {"stream": stream} if stream else {}
+    privacy = cfg.get("privacy")
+    privacy = OmegaConf.to_container(privacy, resolve=True) if privacy else None
+    if privacy and privacy.get("poisson_sampling", True):
+        extra["sampling"] = "poisson"  # DP-SGD's accounting assumes Poisson sampling of each member's data
     datamodule = _instantiate(cfg.data, "data", num_members=size, **extra)
     try:  # partition now, so a partition that cannot be made fails before training
         datamodule.prepare_data()
@@ -138,8 +142,9 @@ def build(cfg: DictConfig) -> tuple[L.LightningModule, L.LightningDataModule]:
     backend = cfg.cohort.get("backend")
     field = "cohort.backend" if backend == "stacked" else "algorithm.module"  # what a stacked refusal is about
     module = _instantiate(
-        cfg.algorithm.module, field, model, size=None if members is not None else size, optimizer=optimizer,
-        **({"backend": backend} if backend is not None else {}),
+        cfg.algorithm.module, field, model, size=None if members is not None else size,
+        optimizer=optimizer, **({"backend": backend} if backend is not None else {}),
+        **({"privacy": privacy} if privacy is not None else {}),
     )
     return module, datamodule
 
@@ -332,7 +337,8 @@ def _instantiate(node: Any, field: str, *args: Any, **kwargs: Any) -> Any:
 
 def _named(field: str, err: BaseException) -> str:
     message = str(err)
-    return message if message.startswith(f"{field.split('.')[0]}.") else f"{field}: {message}"
+    # a message that already names its config field (data.x, privacy.x, ...) is kept as it is
+    return message if message.startswith((f"{field.split('.')[0]}.", "privacy.", "privacy:")) else f"{field}: {message}"
 
 
 # Errors a user can cause from the command line: shown as one line, not a traceback.

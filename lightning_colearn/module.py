@@ -55,7 +55,7 @@ from functools import partial
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -99,6 +99,12 @@ class CohortModule(L.LightningModule):
             batched computation, with one :class:`~lightning_colearn.optim.StackedOptimizer`;
             SGD, Adam and AdamW), or ``"auto"`` (:func:`choose_backend`: stacked
             where it measured faster). Default: the cohort's own backend, or ``"loop"``.
+        privacy: sample-level differential privacy for every member: a
+            :class:`~lightning_colearn.privacy.PrivacyConfig` (or a mapping of its fields): each member
+            trains with DP-SGD through Opacus, with its own accountant; ``dp/epsilon/member_<i>`` is
+            logged every epoch and a member whose next epoch would pass ``target_epsilon`` is retired
+            (it trains no more). Needs the loop backend and a ``CohortDataModule(sampling="poisson")``
+            (see :mod:`lightning_colearn.private`). Needs the ``privacy`` extra (Opacus).
 
     Both backends give the same results within float tolerance for the same
     seed (the loop is the oracle in the tests), and their checkpoints load
@@ -116,9 +122,11 @@ class CohortModule(L.LightningModule):
         num_classes: int | None = None,
         gradient_clip_val: float | None = None,
         backend: str | None = None,
+        privacy: Any = None,
     ) -> None:
         super().__init__()
         self.automatic_optimization = False
+        self.privacy = _privacy_config(privacy)
         if backend is not None and backend not in ("auto", *BACKENDS):
             raise ValueError(f"backend must be one of {['auto', *BACKENDS]}, got {backend!r}")
         cohort = model if isinstance(model, Cohort) else Cohort(model, size)
@@ -132,6 +140,14 @@ class CohortModule(L.LightningModule):
             backend = choose_backend(cohort, optimizer, self.wraps_lightning)
         if backend == "stacked":
             _check_stackable(cohort, optimizer, self.wraps_lightning)
+        if self.privacy is not None:
+            if backend == "stacked" or (backend is None and cohort.backend == "stacked"):
+                raise ValueError("privacy: DP-SGD needs each member's per-sample gradients, which Opacus computes on the "
+                                 "loop backend; use backend='loop' (or 'auto', which then picks it)")
+            backend = "loop"
+            from lightning_colearn.privacy import check_model
+
+            cohort = Cohort([check_model(m, self.privacy.fix_model) for m in cohort.members], backend="loop")
         if backend is not None and backend != cohort.backend:
             cohort = Cohort(list(cohort.members), backend=backend)
         self.cohort = cohort
@@ -157,7 +173,10 @@ class CohortModule(L.LightningModule):
         # one output is a regressor (num_classes=1 for a regression target): no accuracy, callbacks need a criterion
         self.num_classes = None if type(classes) is int and classes < 2 else classes
         # modules and callables stay out of hparams (a checkpoint must load with weights_only=True)
-        self.save_hyperparameters(ignore=["model", "students", "loss", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(ignore=["model", "students", "loss", "optimizer", "lr_scheduler", "privacy"])
+        #: DP-SGD state of the members (set when the optimizers are built), ``None`` without ``privacy``.
+        self.private: Any = None
+        self._pending_privacy_state: dict[str, Any] | None = None
 
         n = len(self.cohort)
         #: Members trained in the next steps (``None``: all). Set by communication callbacks.
@@ -244,13 +263,19 @@ class CohortModule(L.LightningModule):
         return batch
 
     def _active(self) -> list[int]:
+        retired = self.retired_members
         if self.active_members is None:
-            return list(range(self.size))
+            return [i for i in range(self.size) if i not in retired] if retired else list(range(self.size))
         active = [int(i) for i in self.active_members]
         for i in active:
             if not 0 <= i < self.size:
                 raise IndexError(f"active_members holds {i}, but the cohort has members 0..{self.size - 1}")
-        return active
+        return [i for i in active if i not in retired] if retired else active
+
+    @property
+    def retired_members(self) -> set[int]:
+        """Members that train no more: their privacy budget is spent (empty without ``privacy``)."""
+        return self.private.retired if self.private is not None else set()
 
     def _trainable(self) -> list[int]:
         """The active members this process trains (all active ones in one process)."""
@@ -455,6 +480,8 @@ class CohortModule(L.LightningModule):
                 return out["loss"]
             raise TypeError(f"member {member}'s training_step must return a loss tensor, a dict with 'loss', or None")
         x, y = batch
+        if len(x) == 0:  # an empty Poisson batch: a noise-only DP step (the loss' mean over no samples is NaN)
+            return module(x).sum() * 0.0
         return self.loss_fn(module(x), y)
 
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
@@ -475,6 +502,8 @@ class CohortModule(L.LightningModule):
         self._epoch_steps.zero_()
 
     def on_train_epoch_end(self) -> None:
+        if self.private is not None:
+            self._account_privacy()
         self.share_losses()
         trained = (self._epoch_steps > 0).nonzero().flatten().tolist()
         if trained:
@@ -662,6 +691,55 @@ class CohortModule(L.LightningModule):
         """Forget member ``member``'s optimizer state (momentum, Adam moments, step count): a fresh optimizer."""
         self.trainer.optimizers[0].reset_member(member)
 
+    # --------------------------------------------------------------- privacy
+    def _make_private(self, optimizers: list[Optimizer]) -> list[Optimizer]:
+        """Wrap every member's optimizer for DP-SGD (Opacus), from the data module's sampling rates."""
+        from lightning_colearn.private import PrivateMembers
+
+        dm = self.trainer.datamodule
+        if dm is None or not hasattr(dm, "sample_rates"):
+            raise ValueError("privacy needs a CohortDataModule: each member's sampling rate comes from its training split")
+        if getattr(dm, "sampling", None) != "poisson":
+            if self.privacy.poisson_sampling:
+                raise ValueError("privacy: DP-SGD's accounting assumes Poisson sampling of each member's data; use "
+                                 "CohortDataModule(sampling='poisson') (or privacy.poisson_sampling=false to train on "
+                                 "shuffled batches, for which the reported epsilon is only an approximation)")
+            rank_zero_warn("privacy.poisson_sampling=false: batches are shuffled, not Poisson-sampled; the accountants' "
+                           "epsilon assumes Poisson sampling and is an approximation, not a guarantee")
+        if self.loss_terms:
+            raise ValueError("privacy: extra loss terms (FedProx's mu, SCAFFOLD's correction) are not per-sample, and "
+                             "DP-SGD's clipped per-sample gradients would leave them out; drop them with privacy")
+        if self._world_size > 1:
+            raise ValueError("privacy runs in one process for now: each member's accountant and noise live where it "
+                             "trains; use a single-process strategy")
+        epochs = self.privacy.epochs or (self.trainer.max_epochs if self.trainer.max_epochs not in (None, -1) else None)
+        self.private = PrivateMembers(self.privacy, list(self.cohort), dm.sample_rates(), dm.batch_size, epochs,
+                                      dm.steps_per_epoch(), seed=torch.initial_seed() % (1 << 31))
+        if self._pending_privacy_state is not None:
+            self.private.load_state_dict(self._pending_privacy_state)
+            self._pending_privacy_state = None
+        else:  # a budget too small for one epoch: the member never trains (its first epoch would already pass it)
+            self._retire_spent(0.0)
+        return self.private.wrap(optimizers)
+
+    def _retire_spent(self, spent: float | None = None) -> None:
+        for i in range(self.size):
+            if i not in self.private.retired and self.private.spent_after_next_epoch(i):
+                self.private.retired.add(i)
+                eps = self.private.epsilon(i) if spent is None else spent
+                rank_zero_info(f"CohortModule: member {i}'s privacy budget is spent (epsilon {eps:.3f}, one more epoch "
+                               f"would pass target_epsilon={self.privacy.target_epsilon}): it trains no more")
+
+    def _account_privacy(self) -> None:
+        """Log every member's epsilon; retire the members whose next epoch would pass ``target_epsilon``."""
+        logged = {f"dp/epsilon/member_{i}": self.private.epsilon(i) for i in range(self.size)}
+        self._retire_spent()
+        logged["dp/retired"] = float(len(self.private.retired))
+        self.log_dict(logged, on_step=False, on_epoch=True)
+        if len(self.private.retired) == self.size:
+            rank_zero_info("CohortModule: every member's privacy budget is spent; training stops")
+            self.trainer.should_stop = True
+
     def configure_optimizers(self) -> CohortOptimizer | StackedOptimizer:
         if self.stacked:
             return self._configure_stacked()
@@ -682,6 +760,8 @@ class CohortModule(L.LightningModule):
         if self._pending_scheduler_states is not None:
             self._load_scheduler_states(self._pending_scheduler_states)
             self._pending_scheduler_states = None
+        if self.privacy is not None:
+            optimizers = self._make_private(optimizers)
         return CohortOptimizer(optimizers)
 
     def _configure_stacked(self) -> StackedOptimizer:
@@ -714,6 +794,8 @@ class CohortModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cohort_lr_schedulers"] = [None if c is None else c["scheduler"].state_dict() for c in self._schedulers]
+        if self.private is not None:
+            checkpoint["cohort_privacy"] = self.private.state_dict()
         if self._world_size > 1:  # a checkpoint holds every member, whichever rank trained it
             self.share_losses()
             self.sync_members()
@@ -731,6 +813,15 @@ class CohortModule(L.LightningModule):
         return merged
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        privacy = checkpoint.get("cohort_privacy")
+        if privacy is not None and self.privacy is None:
+            raise ValueError("the checkpoint holds privacy accounting, this CohortModule has privacy=None: resuming "
+                             "without DP would break the guarantee; pass the run's privacy settings")
+        if privacy is not None:
+            if self.private is not None:
+                self.private.load_state_dict(privacy)
+            else:  # the accountants are made with the optimizers, after the checkpoint's modules are restored
+                self._pending_privacy_state = privacy
         states = checkpoint.get("cohort_lr_schedulers")
         if states is None:
             return
@@ -914,6 +1005,14 @@ def _split_over_ranks(loaders: Any) -> bool:
     samplers = [s for dl in loaders for s in (getattr(dl, "sampler", None),
                                              getattr(getattr(dl, "batch_sampler", None), "sampler", None))]
     return any(isinstance(s, DistributedSampler) for s in samplers)
+
+
+def _privacy_config(value: Any) -> Any:
+    if value is None:
+        return None
+    from lightning_colearn.privacy import PrivacyConfig  # Opacus is an extra: imported only when asked for
+
+    return PrivacyConfig.from_any(value)
 
 
 def _common_attr(cohort: Cohort, name: str) -> Any:

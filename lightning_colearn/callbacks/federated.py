@@ -44,17 +44,19 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_colearn.callbacks.rounds import ClientRounds
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.aggregation import AGGREGATORS, KRUM_WEIGHTINGS, aggregate, fednova, fedprox_term, qfedavg
+from lightning_colearn.functional.privacy import adaptive_clip_norm, clip_update, dp_mean, noised_fraction
 from lightning_colearn.functional.server import (is_identity_server, pseudo_gradient, scaffold_client_variate,
                                                  scaffold_server_variate)
 from lightning_colearn.metrics.scoring import score
 from lightning_colearn.module import CohortModule
 from lightning_colearn.optim import FedAdagrad, FedAdam, FedYogi
+from lightning_colearn.privacy import FederatedPrivacy, epsilon, epsilon_after, make_accountant
 
 __all__ = ["FederatedAveraging", "SCAFFOLD", "SERVER_OPTIMIZERS", "STRATEGIES", "sample_counts"]
 
@@ -92,6 +94,13 @@ class FederatedAveraging(ClientRounds):
             (FedBN: every BatchNorm weight, bias and running statistic) or parameter-name patterns
             (``fnmatch``, e.g. ``["fc2.*"]`` for a FedPer-style local head). Each round then also
             scores every client on its own test split (``client_scores``, logged as ``<name>/personal_score``).
+        dp: user-level differential privacy (DP-FedAvg, McMahan et al. 2018): a
+            :class:`~lightning_colearn.privacy.FederatedPrivacy` or a mapping of its fields. Every client's
+            update is clipped to ``clip_norm`` (fixed, or adapted to a quantile of the update norms, Andrew
+            et al. 2021), Gaussian noise is added to their sum on the server (or by each client), and the
+            sum is divided by ``clients_per_round``; an accountant over rounds (sampling rate
+            ``clients_per_round / clients``) logs ``<name>/dp_epsilon``, and training stops before a round
+            would pass ``target_epsilon``. Needs ``aggregator="fedavg"``.
     """
 
     name = "fedavg"
@@ -113,9 +122,17 @@ class FederatedAveraging(ClientRounds):
         server_beta2: float = 0.99,
         server_tau: float = 1e-3,
         personal: str | Sequence[str] | None = None,
+        dp: Any = None,
         **kwargs: Any,
     ) -> None:
         errors = []
+        try:
+            dp = FederatedPrivacy.from_any(dp)
+        except (TypeError, ValueError) as err:
+            errors.append(str(err))
+            dp = None
+        if dp is not None and aggregator != "fedavg":
+            errors.append(f"dp needs aggregator='fedavg' (its noise is calibrated for the clipped mean), got {aggregator!r}")
         if aggregator not in STRATEGIES:
             errors.append(f"aggregator must be one of {list(STRATEGIES)}, got {aggregator!r}")
         for field, value, low, high in (("mu", mu, 0, math.inf), ("q", q, 0, math.inf)):
@@ -149,6 +166,10 @@ class FederatedAveraging(ClientRounds):
         self.server_optimizer, self.server_lr = server_optimizer, server_lr
         self.server_momentum, self.server_beta2, self.server_tau = float(server_momentum), float(server_beta2), float(server_tau)
         self.personal = [personal] if personal == "batchnorm" else None if personal is None else list(personal)
+        self.dp = dp
+        #: DP-FedAvg: the clip norm (adapted each round when ``dp.adaptive``) and the accountant over rounds.
+        self.clip_norm = None if dp is None else float(dp.clip_norm)
+        self._dp_accountant = None if dp is None else make_accountant(dp.accountant)
         self._global_state: dict[str, Tensor] | None = None  # the round's starting global model
         self._personal_start: dict[int, dict[str, Tensor]] = {}  # each sampled client's own tensors at the round's start
         self._losses: dict[int, float] | None = None  # q-FedAvg: the sampled clients' losses at the global model
@@ -267,6 +288,8 @@ class FederatedAveraging(ClientRounds):
         aggregate_seconds = time.perf_counter() - start
         start = time.perf_counter()
         record: dict[str, Any] = {"score": self.server_score(trainer, pl_module, 0)}
+        if self.dp is not None:
+            record.update(dp_epsilon=self.dp_epsilon(), clip_norm=self.clip_norm)
         if self._personal_names:
             record["client_scores"] = self._client_scores(trainer, pl_module)
         record.update({
@@ -289,12 +312,57 @@ class FederatedAveraging(ClientRounds):
             lr = _client_lr(pl_module, clients[0])
             return qfedavg([self._global_state[k] for k in shared], updates, losses, q=self.q,  # type: ignore[index]
                            lipschitz=1.0 / lr, weights=weights)
+        if self.dp is not None:
+            return self._dp_mean(trainer, pl_module, clients, updates, shared)
         if self.aggregator == "fednova":
             steps = [max(self.round_steps(c), 1) for c in clients]
             momentum = float(pl_module.member_optimizers()[clients[0]].param_groups[0].get("momentum", 0.0) or 0.0)
             return fednova([self._global_state[k] for k in shared], updates, steps, weights, momentum=momentum)  # type: ignore[index]
         return aggregate(updates, self.aggregator, weights, trim_ratio=self.trim_ratio,
                          num_byzantine=self.num_byzantine, krum_weighting=self.krum_weighting)
+
+    # ------------------------------------------------------------ DP-FedAvg
+    def _dp_mean(self, trainer: L.Trainer, pl_module: CohortModule, clients: list[int], updates: list[list[Tensor]],
+                 shared: list[str]) -> list[Tensor]:
+        """``x + (sum of clipped updates + noise) / clients_per_round``, and the accounting and clip norm of the round."""
+        dp, m = self.dp, self.clients_per_round
+        x = [self._global_state[k] for k in shared]  # type: ignore[index]
+        floating = [i for i, t in enumerate(x) if t.is_floating_point()]
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.round) * 1_000_003 + 13)
+        clipped, unclipped = [], 0
+        for update in updates:
+            delta = [update[i].detach() - x[i] for i in floating]
+            if not FA.is_finite(delta):  # a client that sent NaN/Inf contributes nothing (its sensitivity stays bounded)
+                clipped.append([torch.zeros_like(t) for t in delta])
+                continue
+            kept, was_clipped, _ = clip_update(delta, self.clip_norm)
+            clipped.append(kept)
+            unclipped += not was_clipped
+        sigma = dp.update_noise_for(m) if dp.adaptive else dp.noise_multiplier
+        mean = dp_mean(clipped, clip_norm=self.clip_norm, noise_multiplier=sigma, expected_clients=m,
+                       generator=generator, side=dp.side)
+        result = [t.clone() for t in updates[0]]
+        for k, i in enumerate(floating):
+            result[i] = (x[i] + mean[k]).to(x[i].dtype)
+        if dp.adaptive:  # the next round's clip norm, from the noised fraction of updates that needed no clipping
+            fraction = noised_fraction(unclipped, reported_clients=len(clients), expected_clients=m,
+                                       count_noise_multiplier=dp.count_noise_for(m), generator=generator)
+            self.clip_norm = adaptive_clip_norm(self.clip_norm, fraction, target_quantile=dp.target_quantile,
+                                                learning_rate=dp.clip_learning_rate)
+        self._dp_accountant.step(noise_multiplier=dp.noise_multiplier, sample_rate=m / pl_module.size)
+        return result
+
+    def dp_epsilon(self) -> float | None:
+        """DP-FedAvg's ε so far (``None`` without ``dp``)."""
+        return None if self.dp is None else epsilon(self._dp_accountant, self.dp.delta)
+
+    def _dp_budget_spent(self, pl_module: CohortModule) -> bool:
+        dp = self.dp
+        if dp is None or dp.target_epsilon is None:
+            return False
+        after = epsilon_after(self._dp_accountant, dp.delta, noise_multiplier=dp.noise_multiplier,
+                              sample_rate=self.clients_per_round / pl_module.size, steps=1)
+        return after > dp.target_epsilon
 
     # ---------------------------------------------------------- server step
     def _server_step(self, shared: list[str], result: list[Tensor]) -> list[Tensor]:
@@ -364,6 +432,8 @@ class FederatedAveraging(ClientRounds):
 
     def log_round(self, pl_module: CohortModule, record: dict[str, Any]) -> None:
         super().log_round(pl_module, record)
+        if record.get("dp_epsilon") is not None:
+            pl_module.log(f"{self.name}/dp_epsilon", float(record["dp_epsilon"]), on_step=False, on_epoch=True)
         scores = [s for s in record.get("client_scores") or [] if s is not None]
         if scores:
             pl_module.log(f"{self.name}/personal_score", sum(scores) / len(scores), on_step=False, on_epoch=True,
@@ -372,6 +442,12 @@ class FederatedAveraging(ClientRounds):
     # ------------------------------------------------------------ checkpoint
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         self._module = pl_module
+        if self._clients is None and self._dp_budget_spent(pl_module):  # a new round would pass target_epsilon
+            rank_zero_info(f"{type(self).__name__}: one more round would take epsilon past dp.target_epsilon="
+                           f"{self.dp.target_epsilon} (now {self.dp_epsilon():.3f}): training stops")
+            pl_module.active_members = []
+            trainer.should_stop = True
+            return
         if self._clients is not None and self._global_state is None:  # a mid-round checkpoint without round_start
             # (written before round starts were checkpointed): between rounds every member held the global
             # model, and the clients not sampled still do
@@ -386,6 +462,8 @@ class FederatedAveraging(ClientRounds):
         state = super().state_dict()
         state["round_start"] = None if self._global_state is None else {
             "global": self._global_state, "personal": self._personal_start, "losses": self._losses}
+        if self.dp is not None:
+            state["dp"] = {"accountant": self._dp_accountant.state_dict(), "clip_norm": self.clip_norm}
         if self._server is not None:
             state["server_optimizer"] = self._server.state_dict()
         elif self._pending_server_state is not None:
@@ -403,12 +481,23 @@ class FederatedAveraging(ClientRounds):
                 raise ValueError("server_optimizer must be an optimizer state_dict (state, param_groups)")
             if server is not None and self.server_optimizer is None:
                 raise ValueError("the checkpoint has a server optimizer's state, this FederatedAveraging has server_optimizer=None")
-        except (TypeError, ValueError) as err:
+            dp = state_dict.get("dp")
+            if (dp is None) != (self.dp is None):
+                raise ValueError("the checkpoint and this FederatedAveraging disagree on dp (privacy accounting must continue)")
+            if dp is not None:
+                accountant = make_accountant(self.dp.accountant)
+                accountant.load_state_dict(dp["accountant"])
+                clip = dp["clip_norm"]
+                if not _finite_number(clip) or clip <= 0:
+                    raise ValueError(f"dp clip_norm must be a finite number > 0, got {clip!r}")
+        except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{type(self).__name__} checkpoint state is corrupt or from another version: {err}") from err
         super().load_state_dict(state_dict)
         if start is not None:
             self._global_state, self._personal_start, self._losses = start["global"], dict(start["personal"]), start.get("losses")
         self._server, self._pending_server_state = None, server
+        if dp is not None:
+            self._dp_accountant, self.clip_norm = accountant, float(clip)
 
 
 class SCAFFOLD(FederatedAveraging):
@@ -450,6 +539,8 @@ class SCAFFOLD(FederatedAveraging):
             errors.append("server_optimizer must be None: SCAFFOLD's server step is global_lr times the aggregate's step")
         if kwargs.get("personal") is not None:
             errors.append("personal must be None: SCAFFOLD's control variates cover the whole model")
+        if kwargs.get("dp") is not None:
+            errors.append("dp must be None: SCAFFOLD's control variates carry each client's unclipped, un-noised drift")
         if errors:
             raise ValueError("SCAFFOLD: " + "; ".join(errors))
         kwargs.pop("server_optimizer", None)

@@ -68,6 +68,7 @@ _FEDERATED_ONLY = {
     "krum_weighting": "Krum needs more clients per miner than PoFL rounds give (aggregator: fedavg, median, trimmed_mean)",
     "num_byzantine": "Krum and Bulyan need more clients per miner than PoFL rounds give",
     "option": "SCAFFOLD's control variates need one server model; use SCAFFOLD",
+    "dp": "DP-FedAvg's noise is calibrated for one server's clipped mean, not for miners' competing candidates",
 }
 
 

@@ -204,7 +204,13 @@ class ClientRounds(PicklableGenerator, Callback):
     # ----------------------------------------------------------------- rounds
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         if self._clients is None:
-            self._clients = sorted(torch.randperm(pl_module.size, generator=self.generator)[: self.clients_per_round].tolist())
+            # clients whose privacy budget is spent are no longer sampled (without any, the draw is as it always was)
+            eligible = [i for i in range(pl_module.size) if i not in pl_module.retired_members]
+            if not eligible:  # every client's privacy budget is spent
+                pl_module.active_members = []
+                trainer.should_stop = True
+                return
+            self._clients = sorted(eligible[k] for k in torch.randperm(len(eligible), generator=self.generator)[: self.clients_per_round].tolist())
             self._round_epochs = 0
             self._round_steps = {c: 0 for c in self._clients}
             self._round_start = time.perf_counter()

@@ -213,12 +213,11 @@ class CollectiveVoting(PicklableGenerator, Callback):
             self._initial_seconds = time.perf_counter() - start
         else:
             self._initial_seconds = 0.0
-        if self.proposer == "all":
-            proposers = list(range(n))
-        elif self.proposer == "random":
-            proposers = [int(torch.randint(n, (1,), generator=self.generator))]
-        else:
-            proposers = [self.round % n]
+        proposers = self.pick_proposers(n, pl_module.retired_members)
+        if not proposers:  # every learner's privacy budget is spent: nothing left to propose
+            pl_module.active_members, self._in_round = [], False
+            trainer.should_stop = True
+            return
         optimizers = pl_module.member_optimizers()
         self._snapshots = {
             p: (pl_module.cohort.member_state(p), copy.deepcopy(optimizers[p].state_dict())) for p in proposers
@@ -228,6 +227,21 @@ class CollectiveVoting(PicklableGenerator, Callback):
         pl_module.active_members = list(proposers)
         self._in_round = True
         self._round_start = time.perf_counter()
+
+    def pick_proposers(self, n: int, retired: set[int]) -> list[int]:
+        """This round's proposers: learner ``round % n`` (or the next one still training), a seeded random one, or all.
+
+        A learner whose privacy budget is spent (``retired``) no longer proposes, as in colearn; it still votes
+        and receives accepted proposals.
+        """
+        eligible = [i for i in range(n) if i not in retired]
+        if not eligible:
+            return []
+        if self.proposer == "all":
+            return eligible
+        if self.proposer == "random":
+            return [eligible[int(torch.randint(len(eligible), (1,), generator=self.generator))]]
+        return [next(i % n for i in range(self.round, self.round + n) if i % n not in retired)]
 
     def _budget(self, trainer: L.Trainer, learner: int) -> float:
         if self.steps_per_round is not None:

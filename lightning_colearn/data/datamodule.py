@@ -61,6 +61,7 @@ __all__ = ["CohortDataModule", "EpochShuffleSampler", "SPLITS", "STREAMS"]
 
 SPLITS = ("train", "vote", "test")
 STREAMS = ("per_member", "shared")
+SAMPLINGS = ("shuffle", "poisson")
 _PRIMITIVE = (str, int, float, bool, type(None))
 
 
@@ -107,6 +108,9 @@ class CohortDataModule(L.LightningDataModule):
             (in the loader, so votes and the server's evaluation see what Lightning's loops see).
         collate_fn: collates a list of ``(x, y)`` samples into a batch (e.g. padding sequences); tensor data
             then gives up its one-gather batches.
+        sampling: ``shuffle`` (each member's training split reshuffled per epoch, fixed batch sizes) or
+            ``poisson`` (each sample joins a step's batch with probability ``batch_size / len(split)``:
+            the sampling DP-SGD's privacy accounting assumes; see :class:`~lightning_colearn.data.loaders.Batches`).
         in_memory: read every sample of a non-tensor data set once at setup into tensors (its own
             transforms run once), so training gathers batches as tensor data does; for data sets whose
             samples do not change from read to read (put random augmentation in ``train_transform``).
@@ -148,6 +152,7 @@ class CohortDataModule(L.LightningDataModule):
         collate_fn: Callable | None = None,
         in_memory: bool = False,
         cache_eval: int = 512,
+        sampling: str = "shuffle",
     ) -> None:
         super().__init__()
         errors = _check_arguments(locals())
@@ -166,7 +171,7 @@ class CohortDataModule(L.LightningDataModule):
         self.min_size, self.self_balancing, self.sizes, self.groups = min_size, self_balancing, sizes, groups
         self.train_transform, self.eval_transform = train_transform, eval_transform
         self.train_batch_transform, self.eval_batch_transform = train_batch_transform, eval_batch_transform
-        self.collate_fn, self.cache_eval, self.in_memory = collate_fn, cache_eval, in_memory
+        self.collate_fn, self.cache_eval, self.in_memory, self.sampling = collate_fn, cache_eval, in_memory, sampling
         self._wrapped: L.LightningDataModule | None = dataset if isinstance(dataset, L.LightningDataModule) else None
         self._batch_size_given = True
         self._wrapped_stages: set[str] = set()
@@ -332,6 +337,18 @@ class CohortDataModule(L.LightningDataModule):
         """Number of samples of ``split`` per member (FedAvg's weights)."""
         return [len(self.member_split(i, split)) for i in range(self.num_members)]
 
+    def sample_rates(self) -> list[float]:
+        """Each member's expected fraction of its training data in one step's batch (DP-SGD's sampling rate ``q``):
+        ``batch_size / len(train split)``, or over the union of the splits for the shared stream."""
+        if self.stream == "shared":
+            return [min(1.0, self.batch_size / sum(self.member_sizes("train")))] * self.num_members
+        return [min(1.0, self.batch_size / n) for n in self.member_sizes("train")]
+
+    def steps_per_epoch(self) -> int:
+        """Training steps in one epoch (the longest member's pass; the shared stream's pass)."""
+        sizes = [sum(self.member_sizes("train"))] if self.stream == "shared" else self.member_sizes("train")
+        return max(-(-n // self.batch_size) for n in sizes)
+
     # ---------------------------------------------------------------- shapes
     @property
     def task(self) -> str | None:
@@ -465,7 +482,7 @@ class CohortDataModule(L.LightningDataModule):
             transform=self.train_transform if train else self.eval_transform,
             batch_transform=self.train_batch_transform if train else self.eval_batch_transform,
             collate_fn=self.collate_fn, seed=self.seed if rng_seed is None else rng_seed, as_dict=as_dict,
-            cache_bytes=0 if train else self.cache_eval << 20,
+            cache_bytes=0 if train else self.cache_eval << 20, poisson=train and self.sampling == "poisson",
         )
 
     def _eval_loader(self, key: Any, source: Source, indices: np.ndarray) -> DataLoader:
@@ -526,7 +543,7 @@ def _check_arguments(args: dict[str, Any]) -> list[str]:
     if dataset is None:
         errors.append("data.dataset is None: give a preset name or a data set")
     for field, value, allowed in (("partition", args["partition"], PARTITIONS), ("stream", args["stream"], STREAMS),
-                                  ("task", args["task"], TASKS)):
+                                  ("task", args["task"], TASKS), ("sampling", args["sampling"], SAMPLINGS)):
         if value not in allowed:
             errors.append(f"data.{field} must be one of {list(allowed)}, got {value!r}")
     for field, minimum in (("num_members", 1), ("batch_size", 1), ("labels_per_member", 1), ("shards_per_member", 1),

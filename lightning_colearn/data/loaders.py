@@ -121,6 +121,10 @@ class Batches(Dataset):
             their rows directly unless one is given).
         seed: seeds the transforms' randomness, with the epoch and the step.
         as_dict: ``{part: batch}`` even for one part (the per-member training stream).
+        poisson: Poisson sampling (what DP-SGD's accounting assumes, Abadi et al. 2016): each step every
+            sample of a part joins its batch independently with probability ``batch_size / len(part)``,
+            drawn from ``(seed, epoch, step)``; batch sizes vary (an empty batch is possible) and a part
+            still has ``ceil(len(part) / batch_size)`` steps an epoch.
         cache_bytes: keep up to this many bytes of read batches of unshuffled parts (evaluation
             splits, read every round) instead of reading their samples again; only for sources
             read sample by sample (a tensor source's gather is already cheap), and only while
@@ -139,6 +143,7 @@ class Batches(Dataset):
         collate_fn: Callable | None = None,
         seed: int = 0,
         as_dict: bool = True,
+        poisson: bool = False,
         cache_bytes: int = 0,
     ) -> None:
         self.source, self.batch_size = source, batch_size
@@ -147,7 +152,7 @@ class Batches(Dataset):
         self.samplers = [EpochShuffleSampler(len(p), s, shuffle) for p, s in zip(self.parts, seeds or [0] * len(self.parts))]
         self.lengths = [-(-len(p) // batch_size) for p in self.parts]
         self.transform, self.batch_transform, self.collate_fn = transform, batch_transform, collate_fn
-        self.seed, self.as_dict = seed, as_dict
+        self.seed, self.as_dict, self.poisson = seed, as_dict, poisson
         # the fast path: one index_select for the whole step, each part a slice of it
         self.gather = isinstance(source, TensorSource) and transform is None and collate_fn is None
         self._order: tuple[int, list[Tensor]] | None = None
@@ -177,7 +182,10 @@ class Batches(Dataset):
 
     def _make(self, epoch: int, step: int) -> Any:
         b = self.batch_size
-        index = [order[(step % n) * b:(step % n + 1) * b] for order, n in zip(self._epoch_order(epoch), self.lengths)]
+        if self.poisson:
+            index = [self._poisson(part, sampler.seed, epoch, step) for part, sampler in zip(self.parts, self.samplers)]
+        else:
+            index = [order[(step % n) * b:(step % n + 1) * b] for order, n in zip(self._epoch_order(epoch), self.lengths)]
         random = self.transform is not None or self.batch_transform is not None or not self.gather
         with seeded((self.seed * 1_000_003 + epoch) * 1_000_003 + step) if random else _nothing():
             batches = self._gather(index) if self.gather else self._read(index)
@@ -186,6 +194,11 @@ class Batches(Dataset):
         if self.as_dict:
             return dict(enumerate(batches))
         return batches[0]
+
+    def _poisson(self, part: Tensor, seed: int, epoch: int, step: int) -> Tensor:
+        generator = torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + step) % (1 << 63))
+        rate = min(1.0, self.batch_size / max(len(part), 1))
+        return part[torch.rand(len(part), generator=generator) < rate]
 
     def _gather(self, index: list[Tensor]) -> list[Any]:
         sizes = [len(i) for i in index]

@@ -223,7 +223,11 @@ class SampleSource(Source):
         if transform is not None:
             xs = [transform(x) for x in xs]
         ys = self.targets.index_select(0, flat)
-        return [(default_collate(xs[a:b]), ys[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+        if not xs:  # every batch of the step is empty (Poisson sampling): one sample gives the inputs' shape
+            xs = [self._input(self._read([0])[0])] if transform is None else [transform(self._input(self._read([0])[0]))]
+            return [(default_collate(xs)[:0], ys[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+        shape = default_collate(xs[:1])[:0]
+        return [(default_collate(xs[a:b]) if b > a else shape, ys[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def to_memory(source: Source, num_workers: int = 0) -> TensorSource:
