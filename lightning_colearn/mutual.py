@@ -54,7 +54,9 @@ class MutualLearning(CohortModule):
         temperature: softening temperature T (> 0); the mimicry term is scaled by T^2.
         kl_weight: weight of the mimicry term against the cross-entropy (>= 0).
         mode: ``"kl"`` (the paper) or ``"mse"`` (MSE between logits, KD_Lib's default).
-        num_classes, lr_scheduler, gradient_clip_val, backend: as :class:`CohortModule`
+        num_classes, lr_scheduler, gradient_clip_val, backend, privacy: as :class:`CohortModule` (each student
+            private: its own DP-SGD and accountant; the peers it learns from are seen detached, so the
+            per-sample gradients are its own)
             (``backend="stacked"`` needs students of one architecture and runs them in one forward).
 
     Training batches must be shared, ``(x, y)``: every student sees the same
@@ -74,6 +76,7 @@ class MutualLearning(CohortModule):
         lr_scheduler: Any = None,
         gradient_clip_val: float | None = None,
         backend: str | None = None,
+        privacy: Any = None,
     ) -> None:
         if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature > 0:
             raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
@@ -83,7 +86,7 @@ class MutualLearning(CohortModule):
             raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
         super().__init__(
             students, size, optimizer=optimizer, lr_scheduler=lr_scheduler,
-            num_classes=num_classes, gradient_clip_val=gradient_clip_val, backend=backend,
+            num_classes=num_classes, gradient_clip_val=gradient_clip_val, backend=backend, privacy=privacy,
         )
         if len(self.cohort) < 2:
             raise ValueError(
