@@ -120,6 +120,8 @@ def test_a_learner_whose_budget_is_spent_no_longer_proposes_but_the_others_go_on
     fit(module, dm, [voting], epochs=6)
     assert module.retired_members == {0}
     assert [r["proposer"] for r in voting.results] == [0, 1, 2, 1, 1, 2]  # round 3 goes to the next learner still training
+    assert [r["retired"] for r in voting.results] == [[], [0], [0], [0], [0], [0]]  # (retired at round 0's end)
+    assert all(r["epsilon"][0] == voting.results[0]["epsilon"][0] for r in voting.results)  # it spends no more
     assert all(module.private.epsilon(i) <= 10.0 for i in range(3)) and module.private.epsilon(1) > module.private.epsilon(2)
 
 

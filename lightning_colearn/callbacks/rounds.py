@@ -245,6 +245,8 @@ class ClientRounds(PicklableGenerator, Callback):
         start = time.perf_counter()
         record: dict[str, Any] = {"round": self.round, "step": trainer.global_step, "clients": clients,
                                   "train_seconds": start - self._round_start}
+        if getattr(pl_module, "private", None) is not None:  # private clients: who is no longer sampled (budget spent)
+            record["retired"] = sorted(pl_module.retired_members)
         del self._round_start
         pl_module.sync_members(clients)  # under DDP: every rank gets the clients' updates from the ranks that trained them
         failed = self.failures(clients)

@@ -331,6 +331,9 @@ class CollectiveVoting(PicklableGenerator, Callback):
             "initial_seconds": self._initial_seconds,  # scoring learners' starting models (first round, once)
             "test_seconds": time.perf_counter() - test_start,
         }
+        if pl_module.private is not None:  # private learners: who no longer proposes (budget spent), and each one's epsilon
+            record["retired"] = sorted(pl_module.retired_members)
+            record["epsilon"] = [pl_module.private.epsilon(i) for i in range(n)]
         self.results.append(record)
         self.round += 1
         self._log(pl_module, record)
