@@ -84,3 +84,20 @@ def test_strategy_table_prints_a_row_per_strategy():
     assert [(row[1], row[2]) for row in rows] == [(p, s) for p in ("Dirichlet 0.1", "2-label shards")
                                                   for s in ("FedAvg", "FedAdam", "SCAFFOLD")]
     assert all(0 <= float(row[5].split()[0]) <= 1 for row in rows)
+
+
+@pytest.mark.slow
+def test_privacy_bench_prints_speed_and_accuracy_tables():
+    result = _run(["privacy.py", "--quick"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    speed = next(line.split(" | ") for line in out.splitlines() if line.startswith("| MLP | 2 |"))
+    plain, private, ratio = (float(v.replace(",", "")) for v in speed[2:5])
+    assert plain > 0 and private > 0 and ratio == pytest.approx(private / plain, abs=0.01)
+    assert "use backend='loop'" in out  # the stacked backend's refusal is printed, not hidden
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| 1 | 0 |", "| inf | 0 |"))]
+    assert [row[0].lstrip("| ") for row in rows] == ["1", "inf", "1", "inf"]  # voting, then DP-FedAvg
+    for row in rows:
+        if row[0].endswith("1"):
+            assert 0 < float(row[3]) <= 1.0  # the epsilon reached stays within the target
+        assert 0 <= float(row[-2]) <= 1  # test accuracy
