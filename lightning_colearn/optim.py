@@ -142,7 +142,9 @@ STACKED_OPTIMIZERS: dict[type, tuple[str, ...]] = {
     torch.optim.Adam: ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"),
     torch.optim.AdamW: ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"),
 }
-_PER_MEMBER = ("lr", "weight_decay")  # may differ between members (schedulers change lr per member)
+#: Hyperparameters that may differ between members (schedulers change lr per member; population-based
+#: training gives each member its own lr, weight decay, momentum, betas and eps). The others are shared.
+_PER_MEMBER = ("lr", "weight_decay", "momentum", "betas", "eps")
 
 
 class StackedOptimizer(Optimizer):
@@ -203,16 +205,26 @@ class StackedOptimizer(Optimizer):
     def state(self, value: Any) -> None:
         pass
 
-    def _per_member_tensors(self, picked: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``lr`` and ``weight_decay`` of the picked members as float64 tensors, rebuilt only when they change."""
-        key = (tuple(picked), tuple((self.param_groups[i]["lr"], self.param_groups[i]["weight_decay"]) for i in picked), device)
+    def _per_member_tensors(self, picked: list[int], device: torch.device) -> dict[str, Any]:
+        """The picked members' per-member hyperparameters, rebuilt only when they change: ``lr`` and
+        ``weight_decay`` as float64 ``[n]`` tensors; SGD's ``momentum``, Adam's ``beta1``, ``beta2``, ``eps`` as
+        one float when every picked member has the same value (the fast path), else as ``[n]`` tensors."""
+        names = ("lr", "weight_decay", "momentum") if self.kind is torch.optim.SGD else ("lr", "weight_decay", "betas", "eps")
+        rows = [[_number(self.param_groups[i][k]) for k in names] for i in picked]
+        key = (tuple(picked), tuple(map(tuple, rows)), device)
         cached = self._hyper_cache
         if cached is None or cached[0] != key:
-            values = torch.tensor([[self.param_groups[i]["lr"], self.param_groups[i]["weight_decay"]] for i in picked],
-                                  dtype=torch.float64, device=device)
-            cached = (key, values[:, 0], values[:, 1])
+            flat = [[v for value in row for v in (value if isinstance(value, tuple) else (value,))] for row in rows]
+            values = torch.tensor(flat, dtype=torch.float64, device=device)
+            columns = ("lr", "weight_decay", "momentum") if self.kind is torch.optim.SGD else ("lr", "weight_decay", "beta1", "beta2", "eps")
+            out: dict[str, Any] = {}
+            for k, name in enumerate(columns):
+                column = values[:, k]
+                same = all(row[k] == flat[0][k] for row in flat)
+                out[name] = column if name in ("lr", "weight_decay") or not same else flat[0][k]
+            cached = (key, out)
             self._hyper_cache = cached
-        return cached[1], cached[2]
+        return cached[1]
 
     def _shared(self, name: str) -> Any:
         first = self.param_groups[0][name]
@@ -222,17 +234,19 @@ class StackedOptimizer(Optimizer):
         if len(values) > 1:
             raise ValueError(
                 f"members' {self.kind.__name__} {name} differ ({sorted(values)}); the stacked backend needs one "
-                f"value for all members (only {' and '.join(_PER_MEMBER)} may differ)"
+                f"value for all members (only {', '.join(_PER_MEMBER)} may differ)"
             )
         return self.param_groups[0][name]
 
     def _ensure_state(self) -> None:
-        if self._state:
-            return
         zeros = lambda: [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.stacked]  # noqa: E731
         if self.kind is torch.optim.SGD:
-            if self.param_groups[0]["momentum"] != 0:
+            # a buffer as soon as any member has momentum (population-based training may turn it on mid-run)
+            if "momentum_buffer" not in self._state and any(g["momentum"] != 0 for g in self.param_groups):
                 self._state["momentum_buffer"] = zeros()
+            return
+        if self._state:
+            return
         else:
             self._state["exp_avg"], self._state["exp_avg_sq"] = zeros(), zeros()
             if self.param_groups[0]["amsgrad"]:
@@ -260,20 +274,24 @@ class StackedOptimizer(Optimizer):
         grads = [take(p.grad) for p in self.stacked]
         state = {k: [take(t) for t in v] for k, v in self._state.items()}
         picked = list(range(n)) if picked is None else picked
-        lr, wd = self._per_member_tensors(picked, device)
+        hyper = self._per_member_tensors(picked, device)
+        lr, wd = hyper["lr"], hyper["weight_decay"]
         maximize = bool(self._shared("maximize"))
         if self.kind is torch.optim.SGD:
             has = self._has_buffer.to(device)
             has_rows = has if rows is None else has.index_select(0, rows)
-            FS.sgd_step_(params, grads, state.get("momentum_buffer", []), has_rows, lr, wd,
-                         momentum=self._shared("momentum"), dampening=self._shared("dampening"),
-                         nesterov=self._shared("nesterov"), maximize=maximize)
-            if self._shared("momentum") != 0:
-                self._has_buffer[picked] = True
+            momentum = hyper["momentum"]
+            if isinstance(momentum, torch.Tensor) or momentum != 0:
+                FS.sgd_step_(params, grads, state["momentum_buffer"], has_rows, lr, wd, momentum=momentum,
+                             dampening=self._shared("dampening"), nesterov=self._shared("nesterov"), maximize=maximize)
+                moving = [i for i in picked if self.param_groups[i]["momentum"] != 0]
+                self._has_buffer[moving] = True
+            else:  # no picked member has momentum: plain SGD, any buffers (from earlier momentum) left alone
+                FS.sgd_step_(params, grads, [], has_rows, lr, wd, momentum=0.0, dampening=self._shared("dampening"),
+                             nesterov=self._shared("nesterov"), maximize=maximize)
         else:
-            beta1, beta2 = self._shared("betas")
             FS.adam_step_(params, grads, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq", []),
-                          state["step"], lr, wd, beta1=beta1, beta2=beta2, eps=self._shared("eps"),
+                          state["step"], lr, wd, beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"],
                           amsgrad=self._shared("amsgrad"), maximize=maximize,
                           decoupled_weight_decay=bool(self._shared("decoupled_weight_decay")))
         if rows is not None:  # gathered rows were copies: write back only the stepped members
@@ -320,6 +338,10 @@ class StackedOptimizer(Optimizer):
         if len(groups[0].get("params", [])) != k:
             raise ValueError(f"optimizer state of member {i} has {len(groups[0].get('params', []))} parameters, the member has {k}")
         self._ensure_state()
+        if (self.kind is torch.optim.SGD and "momentum_buffer" not in self._state
+                and any(isinstance(e, dict) and "momentum_buffer" in e for e in state.values())):
+            # a member with momentum comes into a cohort whose members have none (yet): room for its buffer
+            self._state["momentum_buffer"] = [torch.zeros_like(p) for p in self.stacked]
         keys = set(self._state) - ({"step"} if self.kind is torch.optim.SGD else set())
         for idx, entry in state.items():
             # torch.optim keys parameters by int (str after a JSON round trip)
@@ -429,6 +451,13 @@ def _stacked_hyperparameters(kind: type, kwargs: dict[str, Any]) -> dict[str, An
     if kind is not torch.optim.SGD:
         hyper.setdefault("decoupled_weight_decay", False)
     return hyper
+
+
+def _number(value: Any) -> Any:
+    """A hyperparameter as plain floats (a 0-d tensor lr, as torch.optim takes, becomes its value)."""
+    if isinstance(value, (tuple, list)):
+        return tuple(_number(v) for v in value)
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
 def _member_states(state_dict: Any, n: int) -> list[Any]:

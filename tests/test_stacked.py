@@ -515,9 +515,13 @@ def test_bad_backend_and_optimizer_errors():
         CohortModule(MLP, size=2, optimizer=partial(torch.optim.RMSprop, lr=0.1), backend="stacked")
     with pytest.raises(ValueError, match=r"one optimizer type for all members"):
         CohortModule(MLP, size=2, optimizer=[partial(torch.optim.SGD, lr=0.1), partial(torch.optim.Adam)], backend="stacked")
+    # momentum may differ per member (population-based training); nesterov is one setting for all
     module = CohortModule(MLP, size=2, backend="stacked",
                           optimizer=[partial(torch.optim.SGD, lr=0.1, momentum=0.9), partial(torch.optim.SGD, lr=0.2, momentum=0.5)])
-    with pytest.raises(ValueError, match=r"members' SGD momentum differ"):
+    module.configure_optimizers()
+    module = CohortModule(MLP, size=2, backend="stacked",
+                          optimizer=[partial(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True), partial(torch.optim.SGD, lr=0.2, momentum=0.5)])
+    with pytest.raises(ValueError, match=r"members' SGD nesterov differ"):
         module.configure_optimizers()
     with pytest.raises(RuntimeError, match="needs backend='stacked'"):
         Cohort(MLP, size=2).stacked_forward(torch.zeros(1, 784))

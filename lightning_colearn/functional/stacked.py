@@ -191,7 +191,7 @@ def sgd_step_(
     lr: Tensor,
     weight_decay: Tensor,
     *,
-    momentum: float,
+    momentum: float | Tensor,
     dampening: float,
     nesterov: bool,
     maximize: bool,
@@ -200,9 +200,15 @@ def sgd_step_(
 
     ``params``, ``grads``, ``buffers`` are ``[N, ...]``; ``has_buffer`` ``[N]``
     says which members already hold a momentum buffer (SGD starts it as a copy
-    of the first gradient, not at zero); ``lr``, ``weight_decay`` are ``[N]``.
-    ``buffers`` may be empty when ``momentum == 0``. ``has_buffer`` is updated.
+    of the first gradient, not at zero); ``lr``, ``weight_decay`` are ``[N]``;
+    ``momentum`` is one number or one per member (``[N]``: population-based
+    training gives each member its own). ``buffers`` may be empty when
+    ``momentum == 0``. ``has_buffer`` is updated.
     """
+    if isinstance(momentum, Tensor):
+        _sgd_step_per_member_momentum_(params, grads, buffers, has_buffer, lr, weight_decay, momentum,
+                                       dampening=dampening, nesterov=nesterov, maximize=maximize)
+        return
     decays = bool(weight_decay.any())
     started_all, started_none = bool(has_buffer.all()), not bool(has_buffer.any())
     same_lr = bool((lr == lr[0]).all())
@@ -227,6 +233,24 @@ def sgd_step_(
         has_buffer.fill_(True)
 
 
+def _sgd_step_per_member_momentum_(params, grads, buffers, has_buffer: Tensor, lr: Tensor, weight_decay: Tensor,
+                                   momentum: Tensor, *, dampening: float, nesterov: bool, maximize: bool) -> None:
+    """:func:`sgd_step_` with a momentum per member. As ``torch.optim.SGD`` does, a member whose momentum is 0
+    steps along its gradient and leaves its buffer (if any) untouched; the others run SGD's momentum rule."""
+    moving = momentum != 0
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d = -g if maximize else g
+        d = d + _per_member(weight_decay, p) * p
+        buf, m = buffers[i], _per_member(momentum, p)
+        started = _per_member(has_buffer, p).bool()
+        new = torch.where(started, buf * m + d * (1 - dampening), d)
+        on = _per_member(moving, p).bool()
+        buf.copy_(torch.where(on, new, buf))
+        d = torch.where(on, d + m * new if nesterov else new, d)
+        p.addcmul_(_per_member(lr, p), d, value=-1)
+    has_buffer |= moving
+
+
 @torch.no_grad()
 def adam_step_(
     params: Sequence[Tensor],
@@ -238,9 +262,9 @@ def adam_step_(
     lr: Tensor,
     weight_decay: Tensor,
     *,
-    beta1: float,
-    beta2: float,
-    eps: float,
+    beta1: float | Tensor,
+    beta2: float | Tensor,
+    eps: float | Tensor,
     amsgrad: bool,
     maximize: bool,
     decoupled_weight_decay: bool,
@@ -250,9 +274,14 @@ def adam_step_(
     ``steps`` are the members' step counts per parameter (``[N]``, float32
     like torch's), so members that stepped different numbers of times (a
     voting proposer, a sampled client) keep exact bias corrections.
-    ``max_exp_avg_sqs`` is used only with ``amsgrad``.
+    ``max_exp_avg_sqs`` is used only with ``amsgrad``. ``beta1``, ``beta2`` and
+    ``eps`` are numbers, or ``[N]`` tensors (one per member).
     """
     decays = bool(weight_decay.any())
+    per_member = isinstance(beta1, Tensor) or isinstance(beta2, Tensor) or isinstance(eps, Tensor)
+    if per_member:  # float64 [N] for the bias corrections, float32 copies where they scale the moments
+        beta1, beta2, eps = (v.double() if isinstance(v, Tensor) else torch.full_like(lr, v, dtype=torch.float64)
+                             for v in (beta1, beta2, eps))
     for i, (p, g) in enumerate(zip(params, grads)):
         g = -g if maximize else g
         steps[i].add_(1)
@@ -261,8 +290,12 @@ def adam_step_(
                 p.mul_(1 - _per_member(lr.double() * weight_decay.double(), p))
             else:
                 g = g + _per_member(weight_decay, p) * p
-        exp_avgs[i].lerp_(g, 1 - beta1)
-        exp_avg_sqs[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if per_member:
+            exp_avgs[i].lerp_(g, _per_member(1 - beta1, p))
+            exp_avg_sqs[i].mul_(_per_member(beta2, p)).addcmul_(g * _per_member(1 - beta2, p), g)
+        else:
+            exp_avgs[i].lerp_(g, 1 - beta1)
+            exp_avg_sqs[i].mul_(beta2).addcmul_(g, g, value=1 - beta2)
         step = steps[i].double()
         step_size = _per_member(lr.double() / (1 - beta1**step), p)
         bc2_sqrt = _per_member((1 - beta2**step).sqrt(), p)
@@ -273,5 +306,5 @@ def adam_step_(
         # torch's capturable form (bias corrections as tensors): the step size folded into the denominator,
         # so the update is one fused addcdiv_ without temporaries the size of the parameter
         neg_step = -step_size
-        denom = (second.sqrt() / (bc2_sqrt * neg_step)).add_(eps / neg_step)
+        denom = (second.sqrt() / (bc2_sqrt * neg_step)).add_((_per_member(eps, p) if per_member else eps) / neg_step)
         p.addcdiv_(exp_avgs[i], denom)
