@@ -22,6 +22,8 @@ _EXPORTS = {
     "LedgerError": "lightning_colearn.ledger",
     "MutualLearning": "lightning_colearn.mutual",
     "ParticleSwarm": "lightning_colearn.callbacks",
+    "PopulationBasedTraining": "lightning_colearn.callbacks",
+    "PopulationBasedTrainingReplay": "lightning_colearn.callbacks",
     "ProofOfLearning": "lightning_colearn.callbacks",
     "SCAFFOLD": "lightning_colearn.callbacks",
     "StackedModel": "lightning_colearn.stacked",

@@ -111,6 +111,10 @@ class CohortModule(L.LightningModule):
     into each other.
     """
 
+    #: Settings of this module that may differ per member, as a list of one value per member
+    #: (:class:`~lightning_colearn.callbacks.PopulationBasedTraining` tunes them as ``module.<name>``).
+    per_member_hyperparameters: tuple[str, ...] = ()
+
     def __init__(
         self,
         model: MemberSpec | Cohort,
@@ -686,6 +690,11 @@ class CohortModule(L.LightningModule):
         if members is None:
             raise RuntimeError("member optimizers exist once the Trainer has called configure_optimizers (fit has started)")
         return members
+
+    def member_lr_scheduler(self, member: int) -> Any:
+        """Member ``member``'s lr scheduler (``None`` without ``lr_scheduler``, or before the optimizers exist)."""
+        config = self._schedulers[member] if self._schedulers else None
+        return None if config is None else config["scheduler"]
 
     def reset_member_optimizer(self, member: int) -> None:
         """Forget member ``member``'s optimizer state (momentum, Adam moments, step count): a fresh optimizer."""

@@ -63,6 +63,9 @@ class MutualLearning(CohortModule):
     inputs (``CohortDataModule(stream="shared")``).
     """
 
+    #: PopulationBasedTraining may give each student its own (``module.temperature``, ``module.kl_weight``).
+    per_member_hyperparameters = ("temperature", "kl_weight")
+
     def __init__(
         self,
         students: Sequence[nn.Module] | Cohort | Any,

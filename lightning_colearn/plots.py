@@ -7,6 +7,7 @@ importing the package stays fast and works without a display.
 Example:
     >>> import tempfile, torch
     >>> from pathlib import Path
+from typing import Any
     >>> out = Path(tempfile.mkdtemp()) / "grid.png"
     >>> plot_predictions(torch.zeros(4, 1, 28, 28), torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 4]), out).exists()
     True
@@ -185,6 +186,51 @@ def plot_swarm(
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_pbt(pbt: Any, out: str | os.PathLike):
+    """Population-based training: each member's hyperparameters over the run, one panel per numeric one, and
+    the scores; every exploit is marked where the copying member lands, and the final best member's schedule
+    (its lineage: the values it inherited from the members it copied) is drawn bold. Returns ``out``.
+
+    ``pbt`` is a :class:`~lightning_colearn.callbacks.PopulationBasedTraining` after training (its ``trace``,
+    ``lineage`` and ``schedule()``).
+    """
+    plt = _pyplot()
+    names = [n for n in pbt.space if all(isinstance(v[n], (int, float)) and not isinstance(v[n], bool)
+                                         for _, _, values in pbt.trace for v in values)]
+    fig, axes = plt.subplots(len(names) + 1, 1, figsize=(7, 2.2 * (len(names) + 1)), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    steps = [step for step, _, _ in pbt.trace]
+    n = len(pbt.trace[0][2]) if pbt.trace else 0
+    best = pbt.best_member if pbt.last_scores is not None else None
+    lineage = pbt.schedule(best) if best is not None else []
+    end = steps[-1] if steps else 0
+    for ax, name in zip(axes, names):
+        for i in range(n):
+            ax.step(steps, [values[i][name] for _, _, values in pbt.trace], where="post", lw=0.8, alpha=0.45)
+        for k, r in enumerate(pbt.lineage):
+            ax.plot(r["step"], r["new"][name], "x", color="black", ms=4, label="exploit (copy, then explore)" if k == 0 else None)
+        if lineage:
+            xs = [e["step"] for e in lineage] + [end]
+            ax.step(xs, [e[name] for e in lineage] + [lineage[-1][name]], where="post", color="crimson", lw=2.2,
+                    label=f"best member {best}'s schedule")
+        if type(pbt.space[name]).__name__ == "LogUniform":
+            ax.set_yscale("log")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    if names:
+        axes[0].legend(fontsize=7, loc="best")
+        axes[0].set_title("population-based training: hyperparameters per member")
+    scored = [(step, scores) for step, scores, _ in pbt.trace if not all(math.isnan(v) for v in scores)]
+    ax = axes[-1]
+    for i in range(n):
+        ax.plot([s for s, _ in scored], [v[i] for _, v in scored], marker=".", lw=0.8, alpha=0.6)
+    ax.set_ylabel(f"score ({pbt.monitor if pbt.metric is None else type(pbt.metric).__name__})")
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return _save(fig, out)
 

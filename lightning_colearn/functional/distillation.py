@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,19 +39,28 @@ MODES = ("kl", "mse")
 def mutual_learning_losses(
     logits: Sequence[Tensor],
     target: Tensor,
-    temperature: float = 1.0,
-    kl_weight: float = 1.0,
+    temperature: float | Sequence[float] = 1.0,
+    kl_weight: float | Sequence[float] = 1.0,
     mode: str = "kl",
     return_parts: bool = False,
 ) -> list[Tensor] | tuple[list[Tensor], list[Tensor], list[Tensor]]:
-    """One loss per student; with ``return_parts`` also the CE and mimicry parts (detached)."""
+    """One loss per student; with ``return_parts`` also the CE and mimicry parts (detached).
+
+    ``temperature`` and ``kl_weight`` are one number for all students or one per student
+    (population-based training tunes them per student): student ``i`` softens every
+    distribution with its own ``T_i`` and weighs its mimicry term with its own weight.
+    """
     n = len(logits)
     if n < 2:
         raise ValueError(f"mutual learning needs at least 2 students' logits, got {n}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    if not temperature > 0:
+    per_student = not isinstance(temperature, (int, float)) or not isinstance(kl_weight, (int, float))
+    temperatures, weights = (_per_student(v, n, name) for v, name in ((temperature, "temperature"), (kl_weight, "kl_weight")))
+    if not all(t > 0 for t in temperatures):
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if per_student and len(set(temperatures)) > 1 and mode == "kl":
+        return _per_student_losses(logits, target, temperatures, weights, return_parts)
     shapes = {tuple(z.shape) for z in logits}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"every student's logits must have the same shape [batch, classes], got {sorted(shapes)}")
@@ -76,7 +86,35 @@ def mutual_learning_losses(
             # sum_{j != i} KL(p_j || p_i) = sum_{j != i} sum_c p_j log p_j - sum_c (sum_{j != i} p_j) log p_i
             kl = (h_total - neg_entropy[i]) - ((p_total - peer_p[i]) * lp).sum(1)
             mimic.append(kl.mean() * temperature**2 / (n - 1))
-    losses = [c + kl_weight * m for c, m in zip(ce, mimic)]
+    losses = [c + w * m for c, m, w in zip(ce, mimic, weights)]
+    if return_parts:
+        return losses, [c.detach() for c in ce], [m.detach() for m in mimic]
+    return losses
+
+
+def _per_student(value: float | Sequence[float], n: int, name: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * n
+    values = [float(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{name} must be one number or one per student ({n}), got {len(values)} values")
+    return values
+
+
+def _per_student_losses(logits: Sequence[Tensor], target: Tensor, temperatures: list[float], weights: list[float],
+                        return_parts: bool) -> Any:
+    """The KL form with a temperature per student: student ``i`` compares its ``softmax(z_i / T_i)`` with every
+    peer's ``softmax(z_j / T_i)`` (n softmaxes per student: the shared-temperature path needs n in all)."""
+    n = len(logits)
+    z = [t.float() for t in logits]
+    ce = [F.cross_entropy(t, target) for t in z]
+    mimic = []
+    for i, t in enumerate(temperatures):
+        lp = F.log_softmax(z[i] / t, dim=1)
+        kl = sum(F.kl_div(lp, F.log_softmax(z[j].detach() / t, dim=1), log_target=True, reduction="none").sum(1)
+                 for j in range(n) if j != i)
+        mimic.append(kl.mean() * t**2 / (n - 1))
+    losses = [c + w * m for c, m, w in zip(ce, mimic, weights)]
     if return_parts:
         return losses, [c.detach() for c in ce], [m.detach() for m in mimic]
     return losses

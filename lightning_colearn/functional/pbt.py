@@ -119,7 +119,7 @@ def _distribution(name: str, spec: Any) -> Distribution:
     where = f"hyperparameters.{name}"
     if isinstance(spec, (Uniform, IntUniform, Choice)):
         spec = _as_mapping(spec)
-    if isinstance(spec, (list, tuple)):
+    if isinstance(spec, Sequence) and not isinstance(spec, (str, bytes)):  # a list (or Hydra's ListConfig)
         spec = {"type": "choice", "values": list(spec)}
     if not isinstance(spec, Mapping):
         raise ValueError(f"{where}: expected a distribution (a mapping with 'type', or a list of choices), got {spec!r}")
