@@ -22,12 +22,14 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor
 
 __all__ = [
     "log_figure",
     "plot_label_distribution",
+    "plot_pbt",
     "plot_member_curves",
     "plot_predictions",
     "plot_rounds",
