@@ -61,6 +61,7 @@ def mutual_learning_losses(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if per_student and len(set(temperatures)) > 1 and mode == "kl":
         return _per_student_losses(logits, target, temperatures, weights, return_parts)
+    temperature = temperatures[0]
     shapes = {tuple(z.shape) for z in logits}
     if len(shapes) != 1 or len(next(iter(shapes))) != 2:
         raise ValueError(f"every student's logits must have the same shape [batch, classes], got {sorted(shapes)}")
