@@ -32,6 +32,7 @@ from lightning_colearn import (
     FederatedAveraging,
     MutualLearning,
     ParticleSwarm,
+    PopulationBasedTraining,
     ProofOfLearning,
     SCAFFOLD,
 )
@@ -88,6 +89,15 @@ def _case(name: str, out: Path) -> tuple[L.LightningModule, CohortDataModule, li
         pofl = ProofOfLearning(miners=2, clients_per_round=4, threshold=0.2, ledger=str(out / "ledger.db"),
                                max_rounds=3, eval_batches=2, seed=5)
         return CohortModule(LogisticRegression, size=6, optimizer=SGD), dm(num_members=6), [pofl], dict(limits, max_epochs=3)
+    if name == "pbt":  # ranked by the logged val_acc; a copy's optimizer state comes from the source's rank
+        space = {"lr": {"type": "loguniform", "low": 1e-3, "high": 0.2}, "momentum": {"type": "uniform", "low": 0.0, "high": 0.95}}
+        pbt = PopulationBasedTraining(space, quantile_fraction=0.5, seed=7)
+        return CohortModule(BNNet, size=5, optimizer=SGD), dm(num_members=5, stream="shared"), [pbt], dict(limits, max_epochs=3)
+    if name == "pbt_stacked":  # stacked Adam with per-member betas; scored on held-out data by each member's rank
+        space = {"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}, "beta1": {"type": "uniform", "low": 0.5, "high": 0.95}}
+        pbt = PopulationBasedTraining(space, unit="step", interval=3, metric=MulticlassAccuracy(num_classes=10),
+                                      fitness_batches=1, quantile_fraction=0.5, seed=8)
+        return CohortModule(MLP, size=4, optimizer=ADAM, backend="stacked"), dm(num_members=4), [pbt], limits
     if name == "wrapped":  # a user's LightningModules as members: their own steps, logs and optimizers
         return CohortModule([Classifier() for _ in range(3)]), dm(num_members=3), [], limits
     if name == "mutual":
@@ -103,7 +113,7 @@ def _case(name: str, out: Path) -> tuple[L.LightningModule, CohortDataModule, li
 
 
 CASES = ("independent", "independent_stacked", "wrapped", "swarm", "swarm_metric", "voting", "fedavg", "krum", "pofl", "mutual",
-         "mutual_bf16", "fedadam", "scaffold", "fedbn", "qfedavg", "bulyan", "fednova")
+         "mutual_bf16", "fedadam", "scaffold", "fedbn", "qfedavg", "bulyan", "fednova", "pbt", "pbt_stacked")
 
 
 class Classifier(L.LightningModule):
@@ -135,6 +145,8 @@ def decisions(callbacks: list[Any], module: L.LightningModule) -> dict[str, Any]
             found["moves"] = cb.history
         elif isinstance(cb, CollectiveVoting):
             found["votes"] = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in cb.results]
+        elif isinstance(cb, PopulationBasedTraining):
+            found["lineage"], found["values"] = cb.lineage, cb.values
         elif isinstance(cb, (FederatedAveraging, ProofOfLearning)):
             found["rounds"] = [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in cb.history]
     if isinstance(module, MutualLearning):

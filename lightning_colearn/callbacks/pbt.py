@@ -398,7 +398,6 @@ class PopulationBasedTraining(PicklableGenerator, Callback):
             scheduler = pl_module.member_lr_scheduler(dst)
             if scheduler is not None:
                 scheduler.load_state_dict(copy.deepcopy(pl_module.member_lr_scheduler(src).state_dict()))
-            pl_module.last_loss[dst] = pl_module.last_loss[src]
 
     def _apply(self, pl_module: CohortModule, i: int, values: Mapping[str, Any]) -> None:
         for name, target in self.targets.items():
