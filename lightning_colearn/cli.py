@@ -42,7 +42,7 @@ from lightning_colearn._checks import is_int_at_least
 
 __all__ = ["ConfigError", "main", "train", "validate_config"]
 
-ALGORITHMS = ("independent", "swarm", "mutual", "voting", "fedavg", "scaffold", "pofl")
+ALGORITHMS = ("independent", "swarm", "mutual", "voting", "fedavg", "scaffold", "pofl", "pbt")
 
 # conf/hydra/launcher/joblib.yaml shadows the joblib plugin's config of that name on purpose (so that
 # `hydra/launcher=joblib` runs 2 jobs at a time) and lists every field itself; Hydra's notice that it

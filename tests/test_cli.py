@@ -234,6 +234,9 @@ ERROR_CASES = {  # id: (overrides, field named in the message, bad value shown i
     "voting_one_learner": (["algorithm=voting", "cohort=single"], "algorithm.callbacks.voting", "cohort size 1"),
     "voting_no_vote_data": (["algorithm=voting", "data.splits=[0.9,0.0,0.1]"], "algorithm.callbacks.voting", "empty vote split"),
     "backend_name": (["cohort.backend=fast"], "cohort.backend", "'fast'"),
+    "pbt_quantile": (["algorithm=pbt", "algorithm.callbacks.pbt.quantile_fraction=0.9"], "quantile_fraction", "0.9"),
+    "pbt_space": (["algorithm=pbt", "algorithm.callbacks.pbt.hyperparameters.lr.low=0"], "hyperparameters.lr", "low=0"),
+    "pbt_one_member": (["algorithm=pbt", "cohort=single"], "algorithm.callbacks.pbt", "a cohort of 1"),
     "stacked_heterogeneous": (["algorithm=mutual", "cohort=heterogeneous_3", "cohort.backend=stacked"], "cohort.backend", "members 0 and 2"),
 }
 # Every case is checked in-process (test_bad_config_is_one_clear_error); these also through the installed
@@ -401,6 +404,18 @@ def test_fedavg_experiment_takes_the_aggregator_from_the_command_line(make_cfg):
     results = train(make_cfg("experiment=fedavg_mnist", "cohort.size=10", "algorithm.clients_per_round=5",
                              "algorithm.aggregator=trimmed_mean", "trainer=debug", *FEW_BATCHES, "plots=false"))
     assert 0.0 <= results["test_acc/mean"] <= 1.0
+
+
+def test_pbt_from_the_command_line(make_cfg, tmp_path):
+    """algorithm=pbt: the population tunes lr and weight decay; lineage, schedule and plot land in the log dir."""
+    cfg = make_cfg("algorithm=pbt", "optimizer=sgd", "optimizer.lr=0.05", "cohort.backend=stacked", "trainer=debug",
+                   "trainer.max_epochs=2", *FEW_BATCHES, "plots=false", out=tmp_path)
+    results = train(cfg)
+    assert 0.0 <= results["test_acc/mean"] <= 1.0
+    logs = tmp_path / "logs" / "version_0"
+    schedule = (logs / "pbt_schedule.csv").read_text().splitlines()
+    assert schedule[0] == "step,lr,weight_decay" and len(schedule) >= 2
+    assert (logs / "pbt_lineage.csv").is_file() and (logs / "pbt.png").is_file()
 
 
 @pytest.mark.parametrize("algorithm", ["independent", "swarm"])

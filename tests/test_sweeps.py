@@ -117,6 +117,7 @@ def test_slurm_launcher_composes_with_documented_fields(make_cfg):
     ("swarm_optuna", "swarm", "swarm_mnist"),
     ("voting_optuna", "voting", "voting_mnist"),
     ("mutual_optuna", "mutual", None),
+    ("pbt_space_optuna", "independent", None),
 ])
 def test_optuna_search_params_name_real_fields(make_cfg, name, algorithm, experiment):
     overrides = ([f"experiment={experiment}"] if experiment else []) + [f"hparams_search={name}"]
