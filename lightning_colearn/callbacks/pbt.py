@@ -111,11 +111,13 @@ class _Target:
     def get(self, pl_module: CohortModule, i: int) -> Any:
         if self.kind == "optimizer":
             group = self._groups(pl_module, i)[0]
-            if self.key in ("beta1", "beta2"):
+            key = "betas" if self.key in ("beta1", "beta2") else self.key
+            if key not in group:
+                raise ValueError(f"PopulationBasedTraining: hyperparameters.{self.name}: member {i}'s "
+                                 f"{type(pl_module.member_optimizers()[i]).__name__} has no "
+                                 f"{key!r} (it has {sorted(k for k in group if k != 'params')})")
+            if key == "betas":
                 return float(group["betas"][self.key == "beta2"])
-            if self.key not in group:
-                raise ValueError(f"PopulationBasedTraining: hyperparameters.{self.name}: member {i}'s optimizer has no "
-                                 f"{self.key!r} (it has {sorted(k for k in group if k != 'params')})")
             value = group[self.key]
             return float(value) if isinstance(value, torch.Tensor) else value
         if self.kind == "scheduler":
@@ -308,6 +310,8 @@ class PopulationBasedTraining(PicklableGenerator, Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         n = pl_module.size
+        for target in self.targets.values():  # every hyperparameter exists (Adam has no momentum): say so now
+            target.get(pl_module, 0)
         if self.values is None:  # a fresh run (a resumed one restored its values in load_state_dict)
             if self.initial == "sample":
                 self.values = [sample(self.space, self.generator) for _ in range(n)]

@@ -344,3 +344,14 @@ def test_burn_in_and_step_interval():
          dm=CohortDataModule(num_members=4, batch_size=16, eval_batch_size=200, seed=0))
     assert sorted({r["step"] for r in pbt.lineage}) == [6, 8, 10]
     assert not any(math.isnan(s) for s in pbt.last_scores)
+
+
+def test_hyperparameters_the_members_do_not_have_are_named_before_training():
+    module = CohortModule(MLP, size=4, optimizer=partial(torch.optim.Adam, lr=1e-3))
+    with pytest.raises(ValueError, match=r"hyperparameters.momentum: member 0's Adam has no 'momentum' \(it has \["):
+        _fit(module, [PopulationBasedTraining({"momentum": {"type": "uniform", "low": 0.0, "high": 0.9}})], max_epochs=1)
+    assert module.trainer.global_step == 0
+    with pytest.raises(ValueError, match=r"hyperparameters.beta1: member 0's SGD has no 'betas'"):
+        _fit(CohortModule(MLP, size=4, optimizer=SGD), [PopulationBasedTraining({"beta1": [0.8, 0.9]})], max_epochs=1)
+    with pytest.raises(ValueError, match=r"hyperparameters.scheduler.gamma: member 0 has no lr scheduler"):
+        _fit(CohortModule(MLP, size=4, optimizer=SGD), [PopulationBasedTraining({"scheduler.gamma": [0.8, 0.9]})], max_epochs=1)
