@@ -325,11 +325,11 @@ class PopulationBasedTraining(PicklableGenerator, Callback):
             self._apply(pl_module, i, values)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
-        if self.unit == "epoch" and self._due(trainer.current_epoch + 1):
+        if self.unit == "epoch" and self._due(trainer.current_epoch + 1) and not _finished(trainer):
             self.step(trainer, pl_module)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: CohortModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.unit == "step" and self._due(trainer.global_step):
+        if self.unit == "step" and self._due(trainer.global_step) and not _finished(trainer):
             self.step(trainer, pl_module)
 
     def _due(self, count: int) -> bool:
@@ -546,6 +546,15 @@ class PopulationBasedTrainingReplay(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied = 0  # the entries in force at the resumed step are applied again at train start
+
+
+def _finished(trainer: L.Trainer) -> bool:
+    """True after the run's last step: no decision then (its copies would never train, and a test after fit
+    would score them twice; Ray Tune does not perturb a finished trial either)."""
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs \
+        and trainer.is_last_batch
+    last_step = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
+    return bool(last_epoch or last_step)
 
 
 def _read_schedule(path: str | Path) -> list[dict[str, Any]]:

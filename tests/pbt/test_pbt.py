@@ -122,7 +122,7 @@ def test_unknown_targets_and_modules_that_cannot_take_them_are_named():
 def test_a_monitor_that_was_not_logged_is_named():
     pbt = _pbt(monitor="val_f1")
     with pytest.raises(ValueError, match=r"monitor='val_f1' needs 'val_f1/member_0'.*logged per-member keys: \['val_acc/member_0'"):
-        _fit(CohortModule(MLP, size=4, optimizer=SGD), [pbt], max_epochs=1)
+        _fit(CohortModule(MLP, size=4, optimizer=SGD), [pbt], max_epochs=2)
 
 
 # ------------------------------------------------------------------------------ exploit
@@ -132,7 +132,7 @@ def test_exploit_copies_weights_buffers_optimizer_and_scheduler_state(backend, o
     model = BNNet if backend == "loop" else MLP  # BatchNorm buffers on the loop; the stacked engine's MLP
     module = CohortModule(model, size=4, optimizer=optimizer, backend=backend,
                           lr_scheduler=partial(torch.optim.lr_scheduler.ExponentialLR, gamma=0.9))
-    pbt = _pbt(interval=10**6)  # never decides on its own
+    pbt = PopulationBasedTraining({"lr": SPACE["lr"]}, interval=10**6)  # never decides on its own
     _fit(module, [pbt], max_epochs=2)
     opts = module.member_optimizers()
     source_state, source_opt = states(module)[1], copy.deepcopy(opts[1].state_dict())
@@ -159,7 +159,7 @@ def test_decisions_follow_the_plan_and_values_stay_in_bounds():
     pbt = _pbt(quantile_fraction=0.25)
     module = CohortModule(MLP, size=8, optimizer=SGD)
     _fit(module, [pbt], max_epochs=3)
-    assert len(pbt.lineage) == 3 * 2  # 3 decisions, 2 bottom members each
+    assert len(pbt.lineage) == 2 * 2  # after epochs 1 and 2 (none after the last), 2 bottom members each
     space = pbt.space
     for r in pbt.lineage:
         assert r["member"] != r["source"] and r["score"] <= r["source_score"]
@@ -207,14 +207,25 @@ def test_the_stacked_backend_equals_the_loop():
 
 
 # ------------------------------------------------------------------------------- resume
+class _Interrupt(Callback):
+    """Stops the run after ``epochs`` epochs, as a killed job would (its last.ckpt written), the plan unchanged."""
+
+    def __init__(self, epochs):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
 def test_resume_equals_uninterrupted(tmp_path):
-    def run(root, max_epochs, init, ckpt_path=None):
+    def run(root, stop_after, init, ckpt_path=None):
         module = CohortModule(MLP, size=4, optimizer=SGD)
         module.load_state_dict(init)
         pbt = _pbt()
         dm = CohortDataModule(num_members=4, batch_size=16, eval_batch_size=200, stream="shared")
-        trainer = fast_trainer(root, max_epochs=max_epochs, limit_train_batches=5, limit_val_batches=2, enable_checkpointing=True,
-                               callbacks=[pbt, ModelCheckpoint(dirpath=root, save_last=True)])
+        trainer = fast_trainer(root, max_epochs=4, limit_train_batches=5, limit_val_batches=2, enable_checkpointing=True,
+                               callbacks=[pbt, _Interrupt(stop_after), ModelCheckpoint(dirpath=root, save_last=True)])
         trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         return module, pbt
 
@@ -223,7 +234,7 @@ def test_resume_equals_uninterrupted(tmp_path):
     full, full_pbt = run(tmp_path / "full", 4, init)
     run(tmp_path / "part", 2, init)
     resumed, resumed_pbt = run(tmp_path / "part", 4, init, ckpt_path=str(tmp_path / "part" / "last.ckpt"))
-    assert resumed_pbt.lineage == full_pbt.lineage and len(full_pbt.lineage) == 4 * 2
+    assert resumed_pbt.lineage == full_pbt.lineage and len(full_pbt.lineage) == 3 * 2
     assert resumed_pbt.values == full_pbt.values and resumed_pbt.timelines == full_pbt.timelines
     for a, b in zip(states(full), states(resumed)):
         assert same_state(a, b)
@@ -330,7 +341,7 @@ def test_files_and_plot_in_the_log_dir(tmp_path):
     _fit(module, [pbt], max_epochs=2, logger=CSVLogger(tmp_path, name="run"))
     out = tmp_path / "run" / "version_0"
     lineage = (out / "pbt_lineage.csv").read_text().splitlines()
-    assert lineage[0].startswith("step,epoch,member,source,score,source_score,lr_old,lr_new") and len(lineage) == 1 + 4
+    assert lineage[0].startswith("step,epoch,member,source,score,source_score,lr_old,lr_new") and len(lineage) == 1 + 2
     rows = (out / "pbt_schedule.csv").read_text().splitlines()
     assert rows[0] == "step,lr,momentum,weight_decay" and len(rows) == 1 + len(pbt.schedule())
     assert (out / "pbt.png").stat().st_size > 10_000
@@ -342,7 +353,7 @@ def test_burn_in_and_step_interval():
     pbt = _pbt(unit="step", interval=2, burn_in=4, metric=MulticlassAccuracy(num_classes=10), fitness_batches=1)
     _fit(CohortModule(MLP, size=4, optimizer=SGD), [pbt], max_epochs=2,
          dm=CohortDataModule(num_members=4, batch_size=16, eval_batch_size=200, seed=0))
-    assert sorted({r["step"] for r in pbt.lineage}) == [6, 8, 10]
+    assert sorted({r["step"] for r in pbt.lineage}) == [6, 8]  # from step 6 on, every 2, not after the last (10)
     assert not any(math.isnan(s) for s in pbt.last_scores)
 
 
