@@ -7,7 +7,6 @@ importing the package stays fast and works without a display.
 Example:
     >>> import tempfile, torch
     >>> from pathlib import Path
-from typing import Any
     >>> out = Path(tempfile.mkdtemp()) / "grid.png"
     >>> plot_predictions(torch.zeros(4, 1, 28, 28), torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 4]), out).exists()
     True

@@ -101,3 +101,17 @@ def test_privacy_bench_prints_speed_and_accuracy_tables():
         if row[0].endswith("1"):
             assert 0 < float(row[3]) <= 1.0  # the epsilon reached stays within the target
         assert 0 <= float(row[-2]) <= 1  # test accuracy
+
+
+@pytest.mark.slow
+def test_pbt_bench_prints_pbt_and_fixed_rows():
+    result = _run(["pbt.py", "--quick", "--no-ray"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {row.split(" | ")[0].lstrip("| "): row.split(" | ") for row in result.stdout.splitlines()
+            if row.startswith(("| PBT", "| fixed"))}
+    assert list(rows) == ["PBT (ours)", "fixed (same samples)"]
+    for row in rows.values():
+        best, mean = float(row[1]), float(row[2])
+        assert 0 <= best <= 1 and 0 <= mean <= 1 and float(row[3]) > 0
+    assert re.search(r"^(PASS|FAIL): PBT's best member", result.stdout, re.MULTILINE)
+    assert "GPU available" not in result.stdout + result.stderr
