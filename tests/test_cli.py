@@ -409,7 +409,7 @@ def test_fedavg_experiment_takes_the_aggregator_from_the_command_line(make_cfg):
 def test_pbt_from_the_command_line(make_cfg, tmp_path):
     """algorithm=pbt: the population tunes lr and weight decay; lineage, schedule and plot land in the log dir."""
     cfg = make_cfg("algorithm=pbt", "optimizer=sgd", "optimizer.lr=0.05", "cohort.backend=stacked", "trainer=debug",
-                   "trainer.max_epochs=2", *FEW_BATCHES, "plots=false", out=tmp_path)
+                   *FEW_BATCHES, "trainer.max_epochs=2", "plots=false", out=tmp_path)
     results = train(cfg)
     assert 0.0 <= results["test_acc/mean"] <= 1.0
     logs = tmp_path / "logs" / "version_0"
