@@ -332,6 +332,13 @@ class PopulationBasedTraining(PicklableGenerator, Callback):
         if self.unit == "step" and self._due(trainer.global_step) and not _finished(trainer):
             self.step(trainer, pl_module)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        # the final scores (no decision is taken after the last step): best_member and schedule() speak of them
+        if self.values is not None and (self.metric is not None or all(
+                (self.monitor.format(i=i) if "{i}" in self.monitor else f"{self.monitor}/member_{i}") in trainer.callback_metrics
+                for i in range(pl_module.size))):
+            self.last_scores = self.scores(trainer, pl_module)
+
     def _due(self, count: int) -> bool:
         return count > self.burn_in and count % self.interval == 0
 
@@ -422,8 +429,15 @@ class PopulationBasedTraining(PicklableGenerator, Callback):
 
     # ---------------------------------------------------------------- results
     @property
+    def initial_values(self) -> list[dict[str, Any]]:
+        """Each member's hyperparameters at the start of training (its own sample of the space)."""
+        if not self.trace:
+            raise RuntimeError("PopulationBasedTraining has not started: no member has values yet")
+        return [dict(v) for v in self.trace[0][2]]  # (a member's schedule starts with its first ancestor's values)
+
+    @property
     def best_member(self) -> int:
-        """The member with the best score at the last decision."""
+        """The member with the best score at the end of training (or, during it, at the last decision)."""
         if self.last_scores is None:
             raise RuntimeError("PopulationBasedTraining has made no decision yet: no member is best")
         scores = self.last_scores
@@ -554,7 +568,7 @@ def _finished(trainer: L.Trainer) -> bool:
     last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs \
         and trainer.is_last_batch
     last_step = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
-    return bool(last_epoch or last_step)
+    return bool(last_epoch or last_step or trainer.should_stop)  # should_stop: early stopping, max_time, ...
 
 
 def _read_schedule(path: str | Path) -> list[dict[str, Any]]:

@@ -238,6 +238,14 @@ def _sgd_step_per_member_momentum_(params, grads, buffers, has_buffer: Tensor, l
     """:func:`sgd_step_` with a momentum per member. As ``torch.optim.SGD`` does, a member whose momentum is 0
     steps along its gradient and leaves its buffer (if any) untouched; the others run SGD's momentum rule."""
     moving = momentum != 0
+    if bool(moving.all()) and bool(has_buffer.all()):  # the usual case: every buffer updates in place
+        for i, (p, g) in enumerate(zip(params, grads)):
+            d = -g if maximize else g
+            d = d + _per_member(weight_decay, p) * p if bool(weight_decay.any()) else d
+            buf, m = buffers[i], _per_member(momentum, p)
+            buf.mul_(m).add_(d, alpha=1 - dampening)
+            p.addcmul_(_per_member(lr, p), d + m * buf if nesterov else buf, value=-1)
+        return
     for i, (p, g) in enumerate(zip(params, grads)):
         d = -g if maximize else g
         d = d + _per_member(weight_decay, p) * p

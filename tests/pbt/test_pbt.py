@@ -366,3 +366,19 @@ def test_hyperparameters_the_members_do_not_have_are_named_before_training():
         _fit(CohortModule(MLP, size=4, optimizer=SGD), [PopulationBasedTraining({"beta1": [0.8, 0.9]})], max_epochs=1)
     with pytest.raises(ValueError, match=r"hyperparameters.scheduler.gamma: member 0 has no lr scheduler"):
         _fit(CohortModule(MLP, size=4, optimizer=SGD), [PopulationBasedTraining({"scheduler.gamma": [0.8, 0.9]})], max_epochs=1)
+
+
+def test_final_scores_initial_values_and_no_decision_when_the_run_stops_early():
+    class StopAfterValidation(Callback):  # as EarlyStopping does, at the end of validation of epoch 2
+        def on_validation_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                trainer.should_stop = True
+
+    pbt = _pbt()
+    module = CohortModule(MLP, size=4, optimizer=SGD)
+    trainer = _fit(module, [StopAfterValidation(), pbt], max_epochs=5)
+    assert trainer.current_epoch == 2 and {r["epoch"] for r in pbt.lineage} == {0}  # epoch 1 ended the run: no copy
+    assert pbt.last_scores == [float(trainer.callback_metrics[f"val_acc/member_{i}"]) for i in range(4)]
+    assert pbt.initial_values == pbt.trace[0][2]
+    copied = {r["member"]: r["source"] for r in pbt.lineage}  # a copy's schedule starts with its source's values
+    assert all(pbt.schedule(m)[0] == {"step": 0, **pbt.initial_values[src]} for m, src in copied.items())
