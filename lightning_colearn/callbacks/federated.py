@@ -217,8 +217,7 @@ class FederatedAveraging(ClientRounds):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._module = pl_module
-        if self.mu > 0 and self._proximal not in pl_module.loss_terms:
-            pl_module.loss_terms.append(self._proximal)
+        self.hyperparameters_changed(pl_module)
         if stage == "fit" and self.personal is not None:
             dm = trainer.datamodule
             if dm is None or not hasattr(dm, "member_sizes") or 0 in dm.member_sizes("test"):
@@ -229,9 +228,20 @@ class FederatedAveraging(ClientRounds):
         if self._proximal in getattr(pl_module, "loss_terms", []):
             pl_module.loss_terms.remove(self._proximal)
 
+    #: PopulationBasedTraining may give each client its own FedProx ``mu`` (``callback.mu``).
+    per_member_hyperparameters = ("mu",)
+
+    def hyperparameters_changed(self, pl_module: L.LightningModule) -> None:
+        """Called when ``mu`` is set (by :class:`PopulationBasedTraining`: one value per client): the proximal
+        term is added to the clients' losses as soon as some client has ``mu > 0``."""
+        mus = self.mu if isinstance(self.mu, (list, tuple)) else [self.mu]
+        if max(mus) > 0 and self._proximal not in pl_module.loss_terms:
+            pl_module.loss_terms.append(self._proximal)
+
     def _proximal(self, member: int) -> Tensor:
         params = self._module.cohort.member_parameters(member)  # differentiable on both backends
-        return fedprox_term(params, self._global_params(), self.mu)
+        mu = self.mu[member] if isinstance(self.mu, (list, tuple)) else self.mu
+        return fedprox_term(params, self._global_params(), mu)
 
     def _global_params(self) -> list[Tensor]:
         names = self._param_names()

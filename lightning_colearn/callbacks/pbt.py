@@ -30,7 +30,9 @@ What can be tuned (``hyperparameters`` keys):
   one copy of the architecture for all members);
 * ``module.<attribute>``: a per-member setting of the LightningModule that it
   lists in ``per_member_hyperparameters`` (``MutualLearning``: ``temperature``,
-  ``kl_weight``).
+  ``kl_weight``);
+* ``callback.<attribute>``: a per-member setting of another callback of the Trainer
+  (``FederatedAveraging``: FedProx's ``mu``, one per client).
 
 Example::
 
@@ -82,13 +84,13 @@ class _Target:
         kind, _, rest = name.partition(".")
         if name in OPTIMIZER_KEYS:
             self.kind, self.key = "optimizer", name
-        elif kind in ("optimizer", "scheduler", "member", "module") and rest:
+        elif kind in ("optimizer", "scheduler", "member", "module", "callback") and rest:
             self.kind, self.key = kind, rest
         else:
             raise ValueError(
                 f"PopulationBasedTraining: hyperparameters.{name}: not something a member has; use one of "
                 f"{list(OPTIMIZER_KEYS)}, 'optimizer.<param-group key>', 'scheduler.<attribute>', "
-                "'member.<module path>.<attribute>' or 'module.<per-member setting>'"
+                "'member.<module path>.<attribute>', 'module.<per-member setting>' or 'callback.<per-member setting>'"
             )
 
     def check(self, pl_module: CohortModule) -> None:
@@ -103,6 +105,17 @@ class _Target:
             if self.key not in allowed:
                 raise ValueError(f"PopulationBasedTraining: hyperparameters.{self.name}: {type(pl_module).__name__} "
                                  f"takes per-member values for {list(allowed) or 'nothing'}, not {self.key!r}")
+
+    def _callback(self, pl_module: CohortModule) -> Any:
+        """The Trainer's callback that takes per-member values of this setting (FederatedAveraging's ``mu``)."""
+        callbacks = getattr(pl_module.trainer, "callbacks", [])
+        found = [c for c in callbacks if self.key in getattr(c, "per_member_hyperparameters", ())]
+        if not found:
+            takers = {type(c).__name__: list(c.per_member_hyperparameters) for c in callbacks
+                      if getattr(c, "per_member_hyperparameters", ())}
+            raise ValueError(f"PopulationBasedTraining: hyperparameters.{self.name}: no callback of the Trainer takes "
+                             f"per-member values of {self.key!r} (callbacks that take some: {takers or 'none'})")
+        return found[0]
 
     # the member's optimizer param groups (a member may have several; all get the value)
     def _groups(self, pl_module: CohortModule, i: int) -> list[dict[str, Any]]:
@@ -120,6 +133,9 @@ class _Target:
                 return float(group["betas"][self.key == "beta2"])
             value = group[self.key]
             return float(value) if isinstance(value, torch.Tensor) else value
+        if self.kind == "callback":
+            value = getattr(self._callback(pl_module), self.key)
+            return value[i] if isinstance(value, (list, tuple)) else value
         if self.kind == "scheduler":
             scheduler = _scheduler(pl_module, i, self.name)
             if not hasattr(scheduler, self.key):
@@ -143,6 +159,14 @@ class _Target:
                 if self.key == "lr":
                     _rescale_scheduler(pl_module, i, group, value)
                 group[self.key] = value
+        elif self.kind == "callback":
+            callback = self._callback(pl_module)
+            current = getattr(callback, self.key)
+            values = list(current) if isinstance(current, (list, tuple)) else [current] * pl_module.size
+            values[i] = value
+            setattr(callback, self.key, values)
+            if hasattr(callback, "hyperparameters_changed"):
+                callback.hyperparameters_changed(pl_module)
         elif self.kind == "scheduler":
             setattr(_scheduler(pl_module, i, self.name), self.key, value)
         elif self.kind == "member":

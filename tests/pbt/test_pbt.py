@@ -382,3 +382,30 @@ def test_final_scores_initial_values_and_no_decision_when_the_run_stops_early():
     assert pbt.initial_values == pbt.trace[0][2]
     copied = {r["member"]: r["source"] for r in pbt.lineage}  # a copy's schedule starts with its source's values
     assert all(pbt.schedule(m)[0] == {"step": 0, **pbt.initial_values[src]} for m, src in copied.items())
+
+
+def test_fedprox_mu_per_client():
+    from lightning_colearn import FederatedAveraging
+    from lightning_colearn.functional.aggregation import fedprox_term
+
+    fed = FederatedAveraging(clients_per_round=4, mu=0.0, eval_batches=1, seed=0)  # no proximal term until PBT sets mu
+    pbt = PopulationBasedTraining({"callback.mu": {"type": "loguniform", "low": 1e-3, "high": 1.0}}, quantile_fraction=0.5, seed=0)
+    class Terms(Callback):
+        checked = 0
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if fed._global_state is None:  # between rounds
+                return
+            assert fed._proximal in pl_module.loss_terms  # mu > 0 came from PBT: the proximal term is on
+            for i in range(4):  # each client's proximal term with its own mu
+                params = pl_module.cohort.member_parameters(i)
+                torch.testing.assert_close(fed._proximal(i), fedprox_term(params, fed._global_params(), fed.mu[i]))
+            self.checked += 1
+
+    terms = Terms()
+    module = CohortModule(MLP, size=4, optimizer=SGD)
+    _fit(module, [fed, pbt, terms], max_epochs=2, dm=CohortDataModule(num_members=4, batch_size=16, eval_batch_size=200, seed=0))
+    assert fed.mu == [v["callback.mu"] for v in pbt.values] and len(set(fed.mu)) == 4
+    assert terms.checked >= 8
+    with pytest.raises(ValueError, match=r"hyperparameters.callback.mu: no callback of the Trainer takes per-member values of 'mu'"):
+        _fit(CohortModule(MLP, size=4, optimizer=SGD), [PopulationBasedTraining({"callback.mu": [0.1, 0.2]})], max_epochs=1)
