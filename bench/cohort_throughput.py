@@ -66,7 +66,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from common import quiet_lightning  # bench/common.py (scripts run from bench/)
+from common import machine_busy_ticks, quiet_lightning  # bench/common.py (scripts run from bench/)
 from lightning_colearn import CohortDataModule, CohortModule
 from lightning_colearn.models import ConvNet
 
@@ -100,12 +100,9 @@ class _ForeignLoad:
 
     @staticmethod
     def _sample() -> tuple[float, float, float] | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
+        busy = machine_busy_ticks()
+        if busy is None:
             return None
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
         times = os.times()
         return busy, times.user + times.system, time.perf_counter()
 

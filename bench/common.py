@@ -45,3 +45,14 @@ def quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+def machine_busy_ticks() -> int | None:
+    """Clock ticks every CPU of the machine spent busy since boot (``/proc/stat``, minus idle and iowait);
+    ``None`` where there is no ``/proc``. Two readings bracket a run to tell how loaded the machine was."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)

@@ -71,7 +71,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from common import quiet_lightning  # bench/common.py (scripts run from bench/)
+from common import machine_busy_ticks, quiet_lightning  # bench/common.py (scripts run from bench/)
 from lightning_colearn import CohortDataModule, CohortModule, PopulationBasedTraining
 from lightning_colearn.data.datasets import preset
 from lightning_colearn.models import MLP
@@ -204,13 +204,8 @@ class OtherLoad:
 
     @staticmethod
     def _machine() -> tuple[int, float] | None:
-        try:
-            with open("/proc/stat") as f:
-                fields = [int(v) for v in f.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        busy = sum(fields) - fields[3] - (fields[4] if len(fields) > 4 else 0)  # minus idle, iowait
-        return busy, time.perf_counter()
+        busy = machine_busy_ticks()
+        return None if busy is None else (busy, time.perf_counter())
 
 
 # ---------------------------------------------------------------------------------------------- ours
