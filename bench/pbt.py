@@ -44,7 +44,8 @@ best fixed member; ours is >= 10x faster than Ray Tune with equal or better accu
 lower than Ray's by more than ``ACC_TOLERANCE``, 0.5 points: one seed's noise on 10,000 test images is
 about 0.3 points; the difference is printed).
 
-Run from ``bench/``: ``/tmp/ray-venv/bin/python pbt.py`` (a Python with ``ray[tune]``; about 1.5 minutes
+Run from ``bench/``: ``/tmp/ray-venv/bin/python pbt.py`` (a Python with ``ray[tune]``: ``pip install
+'.[bench]'``, or, as here, a venv of its own that sees this one's packages; about 1.5 minutes
 on an idle 2-core CPU, 12 more with ``--ray-default-actors``); ``--no-ray`` skips Ray (also skipped,
 with a line saying so, when ``ray`` is not importable); ``--quick`` for a smoke test (4 members, 2
 epochs, 2,000 images, no Ray unless ``--ray``) in well under 30 s; ``--seeds 0 1 2`` for more seeds
