@@ -17,8 +17,10 @@ Examples::
 from __future__ import annotations
 
 import functools
+import contextlib
 import inspect
 import json
+import logging
 import math
 import os
 import sys
@@ -199,11 +201,43 @@ def _as_shape(value: Any) -> Any:
     return tuple(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else value
 
 
+#: Where Lightning's notices (and this library's, through Lightning's ``rank_zero_info``) are logged.
+NOTICE_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+@contextlib.contextmanager
+def notices(verbose: bool):
+    """Without ``verbose``, keep out of the run's output what a user of the CLI cannot act on: Lightning's notices
+    (its tips, "GPU available: False", "`Trainer.fit` stopped", limits the debug configs set on purpose) and the
+    ``log_every_n_steps`` warning short debug runs cause. Warnings and errors still show; ``verbose=true`` brings
+    every notice back. Levels and filters are restored afterwards (``train`` may run inside a user's process)."""
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in NOTICE_LOGGERS]
+    levels = [log.level for log in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*smaller than the logging interval Trainer\(log_every_n_steps")
+        for log in loggers:
+            log.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for log, level in zip(loggers, levels):
+                log.setLevel(level)
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one experiment; writes config, metrics, checkpoints and plots under ``cfg.paths.output_dir``.
 
-    Returns the final test metrics (what a sweeper optimises).
+    Returns the final test metrics (what a sweeper optimises). Lightning's notices are kept out of the
+    output unless ``cfg.verbose`` (see :func:`notices`).
     """
+    with notices(bool(cfg.get("verbose", False))):
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -247,6 +247,7 @@ CLI_JOBS = {
     "multirun": ["-m", "seed=0,1", "model=logistic_regression,mlp", "trainer=debug", "plots=false",
                  "hydra.sweep.dir={tmp}/multi"],
     "default_run": ["trainer=debug", "hydra.run.dir={tmp}/run"],
+    "verbose_run": ["trainer=debug", "verbose=true", "plots=false", "test=false", "hydra.run.dir={tmp}/run"],
 }
 
 
@@ -355,6 +356,31 @@ def test_default_run_reports_results(cli_run):
     assert (run / "plots" / "predictions.png").is_file()
     assert not (tmp / "outputs").exists()  # hydra.run.dir was honoured
     assert "deprecated" not in proc.stderr, proc.stderr  # no deprecation notices from the libraries underneath
+    # nothing a user cannot act on: no Lightning tip, "GPU available", "`Trainer.fit` stopped", log_every_n_steps
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [], proc.stderr
+
+
+@pytest.mark.parametrize("cli_job", ["verbose_run"])
+def test_verbose_brings_the_notices_back(cli_run):
+    tmp, proc = cli_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "GPU available" in proc.stderr and "`Trainer.fit` stopped" in proc.stderr, proc.stderr
+
+
+def test_train_restores_the_notice_levels_it_quiets(make_cfg, tmp_path):
+    """train() may run inside a user's process (a notebook, a sweep): its quiet must not outlive it."""
+    import logging
+
+    from lightning_colearn.cli import NOTICE_LOGGERS
+
+    log = logging.getLogger(NOTICE_LOGGERS[0])
+    before = log.level
+    log.setLevel(logging.INFO)
+    try:
+        train(make_cfg("trainer=debug", *FEW_BATCHES, "plots=false", "test=false", out=tmp_path))
+        assert log.level == logging.INFO
+    finally:
+        log.setLevel(before)
 
 
 def test_mutual_learning_on_the_heterogeneous_cohort(make_cfg, tmp_path):
