@@ -209,19 +209,17 @@ class StackedOptimizer(Optimizer):
         """The picked members' per-member hyperparameters, rebuilt only when they change: ``lr`` and
         ``weight_decay`` as float64 ``[n]`` tensors; SGD's ``momentum``, Adam's ``beta1``, ``beta2``, ``eps`` as
         one float when every picked member has the same value (the fast path), else as ``[n]`` tensors."""
-        names = ("lr", "weight_decay", "momentum") if self.kind is torch.optim.SGD else ("lr", "weight_decay", "betas", "eps")
-        rows = [[_number(self.param_groups[i][k]) for k in names] for i in picked]
-        key = (tuple(picked), tuple(map(tuple, rows)), device)
+        sgd = self.kind is torch.optim.SGD
+        columns = ("lr", "weight_decay", "momentum") if sgd else ("lr", "weight_decay", "beta1", "beta2", "eps")
+        rows = tuple(_hyper_row(self.param_groups[i], sgd) for i in picked)
+        key = (tuple(picked), rows, device)
         cached = self._hyper_cache
         if cached is None or cached[0] != key:
-            flat = [[v for value in row for v in (value if isinstance(value, tuple) else (value,))] for row in rows]
-            values = torch.tensor(flat, dtype=torch.float64, device=device)
-            columns = ("lr", "weight_decay", "momentum") if self.kind is torch.optim.SGD else ("lr", "weight_decay", "beta1", "beta2", "eps")
+            values = torch.tensor(rows, dtype=torch.float64, device=device)
             out: dict[str, Any] = {}
             for k, name in enumerate(columns):
-                column = values[:, k]
-                same = all(row[k] == flat[0][k] for row in flat)
-                out[name] = column if name in ("lr", "weight_decay") or not same else flat[0][k]
+                same = all(row[k] == rows[0][k] for row in rows)
+                out[name] = values[:, k] if name in ("lr", "weight_decay") or not same else rows[0][k]
             cached = (key, out)
             self._hyper_cache = cached
         return cached[1]
@@ -453,11 +451,14 @@ def _stacked_hyperparameters(kind: type, kwargs: dict[str, Any]) -> dict[str, An
     return hyper
 
 
-def _number(value: Any) -> Any:
-    """A hyperparameter as plain floats (a 0-d tensor lr, as torch.optim takes, becomes its value)."""
-    if isinstance(value, (tuple, list)):
-        return tuple(_number(v) for v in value)
-    return float(value.item() if isinstance(value, torch.Tensor) else value)
+def _hyper_row(group: dict[str, Any], sgd: bool) -> tuple[float, ...]:
+    """A param group's per-member hyperparameters as floats: lr, weight decay, then SGD's momentum or Adam's
+    beta1, beta2, eps (a 0-d tensor lr, as torch.optim takes, becomes its value)."""
+    number = lambda v: float(v.item() if isinstance(v, torch.Tensor) else v)  # noqa: E731
+    head = (number(group["lr"]), number(group["weight_decay"]))
+    if sgd:
+        return (*head, number(group["momentum"]))
+    return (*head, *(number(b) for b in group["betas"]), number(group["eps"]))
 
 
 def _member_states(state_dict: Any, n: int) -> list[Any]:

@@ -62,7 +62,7 @@ from lightning_colearn._checks import is_int_at_least
 from lightning_colearn._io import rank_zero_log_dir, write_csv
 from lightning_colearn._seeded import PicklableGenerator
 from lightning_colearn.functional import arithmetic as FA
-from lightning_colearn.functional.pbt import Distribution, exploit_plan, explore, parse_space, sample
+from lightning_colearn.functional.pbt import Distribution, exploit_plan, explore, parse_space, ranking, sample
 from lightning_colearn.metrics.cohort import higher_is_better
 from lightning_colearn.metrics.scoring import score
 from lightning_colearn.module import CohortModule
@@ -134,8 +134,7 @@ class _Target:
             value = group[self.key]
             return float(value) if isinstance(value, torch.Tensor) else value
         if self.kind == "callback":
-            value = getattr(self._callback(pl_module), self.key)
-            return value[i] if isinstance(value, (list, tuple)) else value
+            return _member_value(getattr(self._callback(pl_module), self.key), i)
         if self.kind == "scheduler":
             scheduler = _scheduler(pl_module, i, self.name)
             if not hasattr(scheduler, self.key):
@@ -145,8 +144,7 @@ class _Target:
         if self.kind == "member":
             owner, attr = _resolve(pl_module.cohort[i], self.key, self.name)
             return getattr(owner, attr)
-        value = getattr(pl_module, self.key)
-        return value[i] if isinstance(value, (list, tuple)) else value
+        return _member_value(getattr(pl_module, self.key), i)
 
     def set(self, pl_module: CohortModule, i: int, value: Any) -> None:
         if self.kind == "optimizer":
@@ -161,10 +159,7 @@ class _Target:
                 group[self.key] = value
         elif self.kind == "callback":
             callback = self._callback(pl_module)
-            current = getattr(callback, self.key)
-            values = list(current) if isinstance(current, (list, tuple)) else [current] * pl_module.size
-            values[i] = value
-            setattr(callback, self.key, values)
+            _set_member_value(callback, self.key, i, value, pl_module.size)
             if hasattr(callback, "hyperparameters_changed"):
                 callback.hyperparameters_changed(pl_module)
         elif self.kind == "scheduler":
@@ -173,10 +168,20 @@ class _Target:
             owner, attr = _resolve(pl_module.cohort[i], self.key, self.name)
             setattr(owner, attr, value)
         else:
-            current = getattr(pl_module, self.key)
-            values = list(current) if isinstance(current, (list, tuple)) else [current] * pl_module.size
-            values[i] = value
-            setattr(pl_module, self.key, values)
+            _set_member_value(pl_module, self.key, i, value, pl_module.size)
+
+
+def _member_value(value: Any, i: int) -> Any:
+    """Member ``i``'s value of a setting held as one value for all or one per member."""
+    return value[i] if isinstance(value, (list, tuple)) else value
+
+
+def _set_member_value(owner: Any, key: str, i: int, value: Any, size: int) -> None:
+    """Give member ``i`` its own ``owner.<key>``: a setting held as one value becomes one value per member."""
+    current = getattr(owner, key)
+    values = list(current) if isinstance(current, (list, tuple)) else [current] * size
+    values[i] = value
+    setattr(owner, key, values)
 
 
 def _resolve(root: torch.nn.Module, path: str, name: str) -> tuple[Any, str]:
@@ -193,11 +198,11 @@ def _resolve(root: torch.nn.Module, path: str, name: str) -> tuple[Any, str]:
 
 
 def _scheduler(pl_module: CohortModule, i: int, name: str) -> Any:
-    config = pl_module.member_lr_scheduler(i)
-    if config is None:
+    scheduler = pl_module.member_lr_scheduler(i)
+    if scheduler is None:
         raise ValueError(f"PopulationBasedTraining: hyperparameters.{name}: member {i} has no lr scheduler "
                          "(CohortModule(lr_scheduler=...))")
-    return config
+    return scheduler
 
 
 def _rescale_scheduler(pl_module: CohortModule, i: int, group: dict[str, Any], value: float) -> None:
@@ -206,8 +211,7 @@ def _rescale_scheduler(pl_module: CohortModule, i: int, group: dict[str, Any], v
     old = float(group["lr"])
     if scheduler is None or not hasattr(scheduler, "base_lrs") or old == 0:
         return
-    k = next(k for k, g in enumerate(scheduler.optimizer.param_groups) if g is group) if any(
-        g is group for g in scheduler.optimizer.param_groups) else 0
+    k = next((k for k, g in enumerate(scheduler.optimizer.param_groups) if g is group), 0)
     scheduler.base_lrs[k] = scheduler.base_lrs[k] * float(value) / old
     if hasattr(scheduler, "_last_lr") and k < len(scheduler._last_lr):
         scheduler._last_lr[k] = float(value)
@@ -359,8 +363,7 @@ class PopulationBasedTraining(PicklableGenerator, Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         # the final scores (no decision is taken after the last step): best_member and schedule() speak of them
         if self.values is not None and (self.metric is not None or all(
-                (self.monitor.format(i=i) if "{i}" in self.monitor else f"{self.monitor}/member_{i}") in trainer.callback_metrics
-                for i in range(pl_module.size))):
+                k in trainer.callback_metrics for k in self._monitor_keys(pl_module.size))):
             self.last_scores = self.scores(trainer, pl_module)
 
     def _due(self, count: int) -> bool:
@@ -372,7 +375,7 @@ class PopulationBasedTraining(PicklableGenerator, Callback):
         n = pl_module.size
         if self.metric is not None:
             return pl_module.gather_member_values(lambda ms: [self._score(trainer, pl_module, m) for m in ms], list(range(n)))
-        keys = [self.monitor.format(i=i) if "{i}" in self.monitor else f"{self.monitor}/member_{i}" for i in range(n)]
+        keys = self._monitor_keys(n)
         missing = [k for k in keys if k not in trainer.callback_metrics]
         if missing:
             logged = sorted(k for k in trainer.callback_metrics if "member_" in k)
@@ -383,6 +386,9 @@ class PopulationBasedTraining(PicklableGenerator, Callback):
                 "val_check_interval) or rank by metric=... on held-out data"
             )
         return [float(trainer.callback_metrics[k]) for k in keys]
+
+    def _monitor_keys(self, n: int) -> list[str]:
+        return [self.monitor.format(i=i) if "{i}" in self.monitor else f"{self.monitor}/member_{i}" for i in range(n)]
 
     def step(self, trainer: L.Trainer, pl_module: CohortModule) -> list[dict[str, Any]]:
         """Rank, exploit and explore once; returns this decision's exploits (also appended to :attr:`lineage`)."""
@@ -464,13 +470,7 @@ class PopulationBasedTraining(PicklableGenerator, Callback):
         """The member with the best score at the end of training (or, during it, at the last decision)."""
         if self.last_scores is None:
             raise RuntimeError("PopulationBasedTraining has made no decision yet: no member is best")
-        scores = self.last_scores
-
-        def rank(i: int) -> tuple:  # best first; NaN last; ties: the lower index
-            s = scores[i]
-            return (math.isnan(s), 0.0 if math.isnan(s) else (-s if self.maximize else s), i)
-
-        return min(range(len(scores)), key=rank)
+        return ranking(self.last_scores, self.maximize)[0]
 
     def schedule(self, member: int | None = None) -> list[dict[str, Any]]:
         """``member``'s (default: the best one's) hyperparameters over the run: ``[{"step": s, name: value, ...}]``,

@@ -55,11 +55,10 @@ def mutual_learning_losses(
         raise ValueError(f"mutual learning needs at least 2 students' logits, got {n}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}")
-    per_student = not isinstance(temperature, (int, float)) or not isinstance(kl_weight, (int, float))
     temperatures, weights = (_per_student(v, n, name) for v, name in ((temperature, "temperature"), (kl_weight, "kl_weight")))
     if not all(t > 0 for t in temperatures):
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if per_student and len(set(temperatures)) > 1 and mode == "kl":
+    if len(set(temperatures)) > 1 and mode == "kl":  # one temperature for all takes the shared path below
         return _per_student_losses(logits, target, temperatures, weights, return_parts)
     temperature = temperatures[0]
     shapes = {tuple(z.shape) for z in logits}

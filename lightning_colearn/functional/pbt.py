@@ -42,7 +42,8 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-__all__ = ["Choice", "IntUniform", "LogUniform", "Uniform", "exploit_plan", "explore", "parse_space", "quantile_size", "sample"]
+__all__ = ["Choice", "IntUniform", "LogUniform", "Uniform", "exploit_plan", "explore", "parse_space", "quantile_size",
+           "ranking", "sample"]
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,24 @@ def quantile_size(n: int, fraction: float) -> int:
     return min(math.ceil(n * fraction), n // 2)
 
 
+def ranking(scores: Sequence[float] | Tensor, maximize: bool, members: Sequence[int] | None = None) -> list[int]:
+    """Positions of ``scores``, best first: a NaN score ranks last, ties rank by member index (``members[k]``,
+    default ``k``), so the order never depends on anything but the scores.
+
+    Example:
+        >>> ranking([0.2, float("nan"), 0.9, 0.9], maximize=True)
+        [2, 3, 0, 1]
+    """
+    values = [float(s) for s in scores]
+    members = list(range(len(values))) if members is None else list(members)
+
+    def rank(k: int) -> tuple:
+        v = values[k]
+        return (math.isnan(v), 0.0 if math.isnan(v) else (-v if maximize else v), members[k])
+
+    return sorted(range(len(values)), key=rank)
+
+
 def exploit_plan(scores: Tensor, fraction: float, maximize: bool, generator: torch.Generator,
                  members: Sequence[int] | None = None) -> dict[int, int]:
     """``{bottom member: top member it copies}``: each bottom-quantile member draws one top member uniformly.
@@ -201,13 +220,7 @@ def exploit_plan(scores: Tensor, fraction: float, maximize: bool, generator: tor
     members = list(range(len(scores))) if members is None else list(members)
     if len(members) != len(scores):
         raise ValueError(f"exploit_plan: {len(scores)} scores for {len(members)} members")
-    values = [float(s) for s in scores]
-    # best first; NaN last, then ties by member index
-    def rank(k: int) -> tuple:
-        v = values[k]
-        return (math.isnan(v), 0.0 if math.isnan(v) else (-v if maximize else v), members[k])
-
-    order = sorted(range(len(members)), key=rank)
+    order = ranking(scores, maximize, members)
     q = quantile_size(len(members), fraction)
     if q == 0:
         return {}
