@@ -267,13 +267,14 @@ class CohortModule(L.LightningModule):
         return batch
 
     def _active(self) -> list[int]:
-        retired = self.retired_members
         if self.active_members is None:
-            return [i for i in range(self.size) if i not in retired] if retired else list(range(self.size))
-        active = [int(i) for i in self.active_members]
-        for i in active:
-            if not 0 <= i < self.size:
-                raise IndexError(f"active_members holds {i}, but the cohort has members 0..{self.size - 1}")
+            active = list(range(self.size))
+        else:
+            active = [int(i) for i in self.active_members]
+            for i in active:
+                if not 0 <= i < self.size:
+                    raise IndexError(f"active_members holds {i}, but the cohort has members 0..{self.size - 1}")
+        retired = self.retired_members
         return [i for i in active if i not in retired] if retired else active
 
     @property
