@@ -43,16 +43,3 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
         os.fsync(f.fileno())
     tmp.replace(path)
     return path
-
-
-def rank_zero_log_dir(trainer: Any) -> Path | None:
-    """Where rank 0 writes the run's files (the logger's directory); ``None`` on other ranks or without a logger.
-
-    Every rank must call it: Lightning's ``trainer.log_dir`` broadcasts rank 0's
-    directory, so a rank that skipped it would leave rank 0 waiting.
-    """
-    if not trainer.loggers:
-        return None
-    log_dir = trainer.log_dir
-    return Path(log_dir) if trainer.is_global_zero and log_dir else None
-

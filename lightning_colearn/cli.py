@@ -31,14 +31,18 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
+from lightning_colearn import trackers
 from lightning_colearn.callbacks.checkpoint import EpochCheckpoint
+from lightning_colearn.callbacks.reporting import CohortProgressBar, LivePlots
 from lightning_colearn.data.datasets import DatasetNotFoundError
 from lightning_colearn._checks import is_int_at_least
 
@@ -84,6 +88,10 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.devices must be <= cohort.size ({cfg.cohort.size}) with trainer.strategy={strategy} (the members "
             f"are sharded over the processes), got {devices}"
         )
+    every = cfg.get("plot_every_n_epochs", 0)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+        raise ConfigError(f"plot_every_n_epochs must be an int >= 0 (0: plots at the end only), got {every!r}")
+    _logger_nodes(cfg)
     ckpt = cfg.get("ckpt_path")
     if ckpt not in (None, "last") and not Path(str(ckpt)).is_file():
         raise ConfigError(f"ckpt_path must be null, 'last' or an existing checkpoint file, got {ckpt!r}")
@@ -201,8 +209,73 @@ def _as_shape(value: Any) -> Any:
     return tuple(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else value
 
 
+def _logger_nodes(cfg: DictConfig) -> dict[str, Any]:
+    """The loggers the config asks for, by name: ``logger=[csv,tensorboard]`` composes ``logger: {csv: ..., tensorboard: ...}``.
+
+    A ``logger`` node that is itself one logger (a ``_target_`` at its top, as a user's own
+    config may write it) counts as one logger named ``logger``.
+    """
+    node = cfg.get("logger")
+    if not node:
+        return {}
+    if not OmegaConf.is_dict(node):
+        raise ConfigError(f"logger must be a mapping of logger configs (logger=csv, logger=[csv,tensorboard]), got {node!r}")
+    if "_target_" in node:
+        return {"logger": node}
+    for name, value in node.items():
+        if not OmegaConf.is_dict(value) or "_target_" not in value:
+            raise ConfigError(f"logger.{name} must be a logger config with a _target_ (e.g. "
+                              f"lightning.pytorch.loggers.CSVLogger), got {OmegaConf.to_container(value) if OmegaConf.is_config(value) else value!r}")
+    return dict(node.items())
+
+
+# ------------------------------------------------------------------ tracking names (the ${colearn:...} resolver)
+def _tracking_value(key: str, _root_: Any = None) -> Any:
+    """``${colearn:run_name}``, ``${colearn:sweep}`` and ``${colearn:dir}`` for conf/logger/*.yaml.
+
+    - ``run_name``: the job's command-line overrides (``seed=1,cohort.size=8``), else the output dir's name;
+    - ``sweep``: a multirun's sweep dir (``multirun/2026-12-05/10-00-00``), shared by its jobs; null in a single run;
+    - ``experiment``: ``tracking.experiment``, or ``<tracking.experiment>/<sweep>`` in a multirun (one MLflow experiment a sweep);
+    - ``dir``: where the local tracker stores live, absolute: the sweep dir in a multirun (one MLflow database,
+      one TensorBoard directory, one W&B folder for all its jobs), else the run's output dir.
+
+    Outside a Hydra run (the compose API, ``train(cfg)`` from Python) the run is a single run in ``paths.output_dir``.
+    """
+    hydra_cfg = _root_.get("hydra")  # a config with its hydra node: the sweep's own, in a Hydra callback
+    if hydra_cfg is None and HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        if Path(str(hydra_cfg.runtime.output_dir)).resolve() != Path(str(_root_.paths.output_dir)).resolve():
+            hydra_cfg = None  # a Hydra run earlier in this process, not this config's
+    multirun = hydra_cfg is not None and hydra_cfg.mode == RunMode.MULTIRUN
+    if not multirun or key == "run_name":
+        output_dir = Path(str(_root_.paths.output_dir)).resolve()
+    if key == "sweep":
+        return str(hydra_cfg.sweep.dir) if multirun else None
+    if key == "experiment":
+        return f"{_root_.tracking.experiment}/{hydra_cfg.sweep.dir}" if multirun else str(_root_.tracking.experiment)
+    if key == "dir":
+        return str(Path(str(hydra_cfg.sweep.dir)).resolve()) if multirun else str(output_dir)
+    if key == "run_name":
+        overrides = str(hydra_cfg.job.override_dirname) if hydra_cfg is not None else ""
+        return overrides.replace(os.sep, "_").replace("/", "_") or output_dir.name
+    raise ConfigError(f"${{colearn:{key}}}: unknown key {key!r}; allowed: run_name, sweep, experiment, dir")
+
+
+OmegaConf.register_new_resolver("colearn", _tracking_value, replace=True)
+
+
 #: Where Lightning's notices (and this library's, through Lightning's ``rank_zero_info``) are logged.
-NOTICE_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+NOTICE_LOGGERS = {
+    "lightning.pytorch.utilities.rank_zero": logging.WARNING,
+    "lightning.fabric.utilities.rank_zero": logging.WARNING,
+    "lightning.pytorch.loggers.mlflow": logging.ERROR,  # its "Experiment with name ... not found. Creating it." (a warning)
+    "mlflow": logging.WARNING,  # "Creating initial MLflow database tables..." when a run starts its local store
+    "alembic": logging.WARNING,  # the store's schema migrations
+}
+
+#: Trackers' own switches for their notices: W&B's banner and sync hints; MLflow, which sets its loggers' level
+#: when it is imported ("Creating initial MLflow database tables...").
+QUIET_ENV = {"WANDB_SILENT": "true", "MLFLOW_LOGGING_LEVEL": "WARNING"}
 
 
 @contextlib.contextmanager
@@ -216,15 +289,23 @@ def notices(verbose: bool):
         return
     loggers = [logging.getLogger(name) for name in NOTICE_LOGGERS]
     levels = [log.level for log in loggers]
+    saved_env = {key: os.environ.get(key) for key in QUIET_ENV}
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)  # (a value the user set is theirs)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*smaller than the logging interval Trainer\(log_every_n_steps")
-        for log in loggers:
-            log.setLevel(logging.WARNING)
+        for log, level in zip(loggers, NOTICE_LOGGERS.values()):
+            log.setLevel(level)
         try:
             yield
         finally:
             for log, level in zip(loggers, levels):
                 log.setLevel(level)
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -255,26 +336,57 @@ def _train(cfg: DictConfig) -> dict[str, float]:
                 raise ConfigError(f"algorithm.callbacks.{name}: {err}") from err
         callbacks.append(callback)
     callbacks.append(EpochCheckpoint(out / "checkpoints"))  # last.ckpt after every epoch: kills resume from there
-    logger = _instantiate(cfg.logger, "logger") if cfg.get("logger") else False
-    if logger:  # fix the version here: ddp_spawn's processes then log fit and test into this one directory
-        _ = logger.version
-    trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=logger, default_root_dir=str(out))
+    if cfg.get("plots", True) and cfg.get("plot_every_n_epochs", 0):
+        callbacks.append(LivePlots(cfg.plot_every_n_epochs))
+    if OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True):
+        callbacks.append(CohortProgressBar())  # the collective's last event in the bar's postfix
+    loggers = [_instantiate(node, f"logger.{name}") for name, node in _logger_nodes(cfg).items()]
+    for logger in loggers:
+        if trackers.tracker_kind(logger) in ("csv", "tensorboard"):
+            _ = logger.version  # fixed here: ddp_spawn's processes then log fit and test into this one directory
+    trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
+                                      default_root_dir=str(out))
     if rank_zero_only.rank == 0:  # under strategy=ddp every process runs this function
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         _describe_partition(datamodule, out, cfg.get("plots", True))
+        trackers.log_config(loggers, OmegaConf.to_container(cfg, resolve=True))  # the resolved config as hyperparameters
 
     _check_checkpoint(cfg.get("ckpt_path"), out)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     results: dict[str, float] = {}
-    if cfg.get("test", True):
-        for metrics in trainer.test(module, datamodule=datamodule, verbose=False):
-            results.update({k: float(v) for k, v in metrics.items()})
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        if cfg.get("test", True):
+            for metrics in trainer.test(module, datamodule=datamodule, verbose=False):
+                results.update({k: float(v) for k, v in metrics.items()})
+    except BaseException:
+        if trainer.is_global_zero:
+            trackers.finish(loggers, failed=True)
+        raise
     if not trainer.is_global_zero:
         return results
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
     plots = _plots(cfg, trainer, module, datamodule, out) if cfg.get("plots", True) else []
+    _send_files(cfg, trainer, out)
+    trackers.log_results(loggers, OmegaConf.to_container(cfg, resolve=True), results)
+    trackers.finish(loggers)
     _report(out, results, plots, _metrics_csv(trainer))
     return results
+
+
+def _send_files(cfg: DictConfig, trainer: L.Trainer, out: Path) -> None:
+    """The run's files to the trackers that keep files: results, config, partition, the callbacks' CSVs, the ledger."""
+    if not trainer.loggers:
+        return
+    files = [out / name for name in ("results.json", "config.yaml", "partition.csv")]
+    run_dir = trackers.run_dir(trainer, broadcast=False)
+    if run_dir is not None:
+        files += sorted(p for p in run_dir.glob("*.csv") if p.name != "metrics.csv")  # swarm moves, rounds, votes, lineage
+    ledger = OmegaConf.select(cfg, "algorithm.ledger", default=None)
+    if ledger and Path(str(ledger)).is_file():
+        files.append(Path(str(ledger)))
+    for path in files:
+        if path.is_file():
+            trackers.log_artifact(trainer.loggers, path)
 
 
 def _plots(cfg: DictConfig, trainer: L.Trainer, module, datamodule, out: Path) -> list[Path]:
@@ -293,8 +405,11 @@ def _plots(cfg: DictConfig, trainer: L.Trainer, module, datamodule, out: Path) -
     made.extend(_prediction_grid(module, datamodule, out, plots))
     if (out / "plots" / "label_distribution.png").is_file():
         made.append(out / "plots" / "label_distribution.png")
-    if metrics_csv is not None:  # plots the algorithm's callbacks saved in the log dir (e.g. swarm.png)
-        made.extend(sorted(metrics_csv.parent.glob("*.png")))
+    for path in made:  # (the callbacks' own figures reached the trackers when fitting ended)
+        trackers.log_figure(trainer, path.stem, path)
+    run_dir = trackers.run_dir(trainer, broadcast=False)
+    if run_dir is not None:  # plots the algorithm's callbacks saved in the run's directory (e.g. swarm.png)
+        made.extend(sorted(run_dir.glob("*.png")))
     return made
 
 
@@ -313,8 +428,9 @@ def _describe_partition(datamodule: Any, out: Path, plot: bool) -> None:
 
 
 def _metrics_csv(trainer: L.Trainer) -> Path | None:
-    log_dir = getattr(trainer.logger, "log_dir", None) if trainer.logger else None
-    return Path(log_dir) / "metrics.csv" if log_dir else None
+    """The CSV logger's ``metrics.csv`` (the metric plots are drawn from it), if the run has a CSV logger."""
+    csv = next((lg for lg in trainer.loggers if trackers.tracker_kind(lg) == "csv"), None)
+    return Path(csv.log_dir) / "metrics.csv" if csv is not None else None
 
 
 def _prediction_grid(module, datamodule, out: Path, plots) -> list[Path]:

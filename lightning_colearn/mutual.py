@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_colearn._io import rank_zero_log_dir
+from lightning_colearn import trackers
 from lightning_colearn import distributed as D
 from lightning_colearn.cohort import Cohort
 from lightning_colearn.functional.distillation import MODES, mutual_learning_losses
@@ -177,16 +177,17 @@ class MutualLearning(CohortModule):
             metric.reset()
 
     # ------------------------------------------------------------- artefacts
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        trainer = self.trainer
-        out = rank_zero_log_dir(trainer)  # (without a logger log_dir would be the working directory)
-        if out is None or not self.loss_history:
-            return
+    def write_artifacts(self, trainer: Any, pl_module: Any, out: Path) -> dict[str, Path]:
+        """The figure ``mutual_losses.png`` (each student's training loss per epoch) in ``out``."""
+        if not self.loss_history:
+            return {}
         from lightning_colearn import plots  # matplotlib only here
 
-        path = plots.plot_student_losses(self.loss_history, out / "mutual_losses.png")
-        plots.log_figure(trainer, "mutual_losses", path)
+        return {"mutual_losses": plots.plot_student_losses(self.loss_history, out / "mutual_losses.png")}
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        trackers.publish(self.trainer, self, self)  # without a logger nothing is written
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -526,10 +526,7 @@ def _class_colors(classes: int) -> list:
 
 
 def log_figure(trainer, name: str, path: str | os.PathLike) -> None:
-    """Send a saved PNG to every logger of ``trainer`` that takes images (TensorBoard, W&B, ...)."""
-    for logger in getattr(trainer, "loggers", []):
-        if hasattr(logger, "log_image"):  # WandbLogger, NeptuneLogger, ...
-            logger.log_image(key=name, images=[str(path)], step=trainer.global_step)
-        elif hasattr(getattr(logger, "experiment", None), "add_image"):  # TensorBoardLogger
-            image = _pyplot().imread(str(path))[..., :3]
-            logger.experiment.add_image(name, image, trainer.global_step, dataformats="HWC")
+    """Send a saved PNG to every logger of ``trainer`` that keeps figures: see :func:`lightning_colearn.trackers.log_figure`."""
+    from lightning_colearn.trackers import log_figure as _log_figure
+
+    _log_figure(trainer, name, path)

@@ -147,7 +147,7 @@ def test_config_file_composes_and_trains(make_cfg, tmp_path, group, name):
             if key != "defaults" and not overridden and "${" not in str(value):
                 assert _contains(OmegaConf.to_container(saved[group])[key], value), f"{group}.{key}"
     metrics_csv = out / "logs" / "version_0" / "metrics.csv"
-    if saved.get("logger"):  # trainer.test logs into the same file (validation may not run in 3 steps)
+    if "csv" in (saved.get("logger") or {}):  # trainer.test logs into the same file (validation may not run in 3 steps)
         assert read_metrics_csv(metrics_csv)["test_acc/mean"][0][1] == pytest.approx(results["test_acc/mean"])
     else:
         assert not (out / "logs").exists()
@@ -247,6 +247,10 @@ CLI_JOBS = {
     "multirun": ["-m", "seed=0,1", "model=logistic_regression,mlp", "trainer=debug", "plots=false",
                  "hydra.sweep.dir={tmp}/multi"],
     "default_run": ["trainer=debug", "hydra.run.dir={tmp}/run"],
+    # a sweep of 2 jobs into all three trackers: one MLflow experiment, one W&B group, one TensorBoard directory
+    "tracked_sweep": ["-m", "seed=0,1", "algorithm=swarm", "trainer=debug", "plots=false", "trainer.log_every_n_steps=1",
+                      "algorithm.callbacks.swarm.every_n_steps=2", "logger=[tensorboard,mlflow,wandb]",
+                      "hydra.sweep.dir={tmp}/multi"],
     "verbose_run": ["trainer=debug", "verbose=true", "plots=false", "test=false", "hydra.run.dir={tmp}/run"],
 }
 
@@ -358,6 +362,8 @@ def test_default_run_reports_results(cli_run):
     assert "deprecated" not in proc.stderr, proc.stderr  # no deprecation notices from the libraries underneath
     # nothing a user cannot act on: no Lightning tip, "GPU available", "`Trainer.fit` stopped", log_every_n_steps
     assert [line for line in proc.stderr.splitlines() if line.strip()] == [], proc.stderr
+    allowed = ("data: ", "results: ", "  test: ", "  config: ", "  metrics: ", "  plot: ")  # what the run reports, line by line
+    assert [line for line in proc.stdout.splitlines() if line.strip() and not line.startswith(allowed)] == [], proc.stdout
 
 
 @pytest.mark.parametrize("cli_job", ["verbose_run"])
@@ -373,7 +379,7 @@ def test_train_restores_the_notice_levels_it_quiets(make_cfg, tmp_path):
 
     from lightning_colearn.cli import NOTICE_LOGGERS
 
-    log = logging.getLogger(NOTICE_LOGGERS[0])
+    log = logging.getLogger(next(iter(NOTICE_LOGGERS)))
     before = log.level
     log.setLevel(logging.INFO)
     try:
@@ -471,3 +477,44 @@ def test_corrupt_checkpoint_is_one_clear_error_and_stays_as_it_was(make_cfg, tmp
     with pytest.raises(ConfigError, match=r"ckpt_path: '.*last.ckpt' is not a readable checkpoint \(.*\); nothing was changed"):
         train(make_cfg("trainer=debug", *FEW_BATCHES, "plots=false", "test=false", "ckpt_path=last"))
     assert last.read_bytes() == data[: len(data) // 2]
+
+
+# ------------------------------------------------------------------------------ a sweep in the trackers
+@pytest.mark.parametrize("cli_job", ["tracked_sweep"])
+def test_a_sweep_lands_in_one_experiment_group_and_directory(cli_run):
+    from mlflow import MlflowClient
+    from test_trackers import tensorboard_run, wandb_run
+
+    tmp, proc = cli_run
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr  # no tracker banners, database notices or sync hints
+    multi = tmp / "multi"
+    summary = json.loads((multi / "sweep_results.json").read_text())
+    values = {job["run_name"]: job["value"] for job in summary["jobs"]}
+    assert len(values) == 2 and all("seed=0" in n or "seed=1" in n for n in values), values
+    best_name = max(values, key=values.get)
+    assert (summary["best"]["run_name"], summary["best"]["value"]) == (best_name, values[best_name])
+    assert f"sweep: best test_acc/mean={values[best_name]:.4f} ({best_name}) of 2 jobs" in proc.stdout
+
+    # MLflow: one experiment for the sweep, a run per job named by its overrides, the best recorded
+    client = MlflowClient(f"sqlite:///{multi.resolve()}/mlflow.db")
+    (experiment,) = [e for e in client.search_experiments() if e.name != "Default"]  # (every MLflow store has one)
+    assert experiment.name == f"colearn/{multi}"
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert set(runs) == set(values)
+    for name, run in runs.items():
+        assert run.data.metrics["test_acc/mean"] == pytest.approx(values[name])
+        assert "swarm/best_member" in run.data.metrics
+    assert float(experiment.tags["best test_acc/mean"]) == pytest.approx(values[best_name])
+    assert runs[best_name].data.tags.get("best_of_sweep") == "true"
+
+    # TensorBoard: <sweep>/tensorboard/<run name> per job, and the sweep's best
+    for name in values:
+        assert tensorboard_run(multi / "tensorboard" / name).Scalars("test_acc/mean")[-1].value == pytest.approx(values[name])
+    assert tensorboard_run(multi / "tensorboard" / "sweep").Scalars("sweep/best test_acc/mean")[0].value == pytest.approx(values[best_name])
+
+    # W&B: every job's offline run (and the sweep's summary run) in one group
+    found = [wandb_run(d) for d in sorted((multi / "wandb").glob("offline-run-*"))]
+    assert sorted(r["name"] for r in found) == sorted([*values, "sweep"])
+    assert {r["group"] for r in found} == {str(multi)}
+    assert all("test_acc/mean" in r["history"] for r in found if r["name"] != "sweep")

@@ -59,7 +59,8 @@ from torchmetrics import Metric
 
 from lightning_colearn import distributed as D
 from lightning_colearn._checks import is_int_at_least
-from lightning_colearn._io import rank_zero_log_dir, write_csv
+from lightning_colearn import trackers
+from lightning_colearn._io import write_csv
 from lightning_colearn._seeded import PicklableGenerator
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.pbt import Distribution, exploit_plan, explore, parse_space, ranking, sample
@@ -498,17 +499,29 @@ class PopulationBasedTraining(PicklableGenerator, Callback):
         """:meth:`schedule` as CSV (``step`` and one column per hyperparameter), what the replay reads."""
         return write_csv(path, self.schedule(member), ["step", *self.space])
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
-        out = rank_zero_log_dir(trainer)
-        if out is None or self.last_scores is None:  # no logger, another rank, or no decision was made
-            return
+    def write_artifacts(self, trainer: L.Trainer, pl_module: CohortModule, out: Path) -> dict[str, Path]:
+        """``pbt_lineage.csv``, ``pbt_schedule.csv`` and the figure ``pbt.png`` in ``out`` (nothing before a decision)."""
+        if self.last_scores is None:
+            return {}
         self.write_lineage(out / "pbt_lineage.csv")
         self.write_schedule(out / "pbt_schedule.csv")
         from lightning_colearn import plots  # matplotlib only here
 
-        path = plots.plot_pbt(self, out / "pbt.png")
-        plots.log_figure(trainer, "pbt", path)
-        rank_zero_info(f"PopulationBasedTraining: best member {self.best_member}; lineage in {out / 'pbt_lineage.csv'}")
+        return {"pbt": plots.plot_pbt(self, out / "pbt.png")}
+
+    def progress_postfix(self) -> dict[str, str]:
+        """The last decision, for the progress bar: ``{"pbt": "decision 3: 4 exploits, best 0.81"}``."""
+        if self.last_scores is None:
+            return {}
+        decisions = [t for t in self.trace if not all(math.isnan(s) for s in t[1])]  # (the first entry: initial values)
+        exploits = sum(1 for r in self.lineage if decisions and r["step"] == decisions[-1][0])
+        best = (max if self.maximize else min)(self.last_scores)
+        return {"pbt": f"decision {len(decisions)}: {exploits} exploits, best {best:.4g}"}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        figures = trackers.publish(trainer, pl_module, self)  # nothing without a logger, on another rank, or before a decision
+        if figures:
+            rank_zero_info(f"PopulationBasedTraining: best member {self.best_member}; lineage in {figures['pbt'].parent / 'pbt_lineage.csv'}")
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

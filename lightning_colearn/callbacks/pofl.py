@@ -310,6 +310,15 @@ class ProofOfLearning(ClientRounds):
             self.ledger.close()
             self.ledger = None
 
+    def progress_postfix(self) -> dict[str, str]:
+        """The last round, for the progress bar: ``{"block": "6, score 0.812"}``, or the round's reason for no block."""
+        if not self.history:
+            return {}
+        last = self.history[-1]
+        if last.get("block") is None:
+            return {"round": f"{last['round']}: no block ({last.get('reason') or 'no candidate'})"}
+        return {"block": f"{last['block']}, score {last['score']:.4g}"}
+
     def log_round(self, pl_module: CohortModule, record: dict[str, Any]) -> None:
         super().log_round(pl_module, record)
         logged = {"pofl/blocks": float(self._next_block_index())}

@@ -32,7 +32,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_colearn._seeded import PicklableGenerator
 from lightning_colearn._checks import is_int_at_least
-from lightning_colearn._io import rank_zero_log_dir, write_csv
+from lightning_colearn import trackers
+from lightning_colearn._io import write_csv
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.metrics.cohort import higher_is_better
 from lightning_colearn.metrics.scoring import score
@@ -336,16 +337,27 @@ class ClientRounds(PicklableGenerator, Callback):
                  if isinstance(v, list) else v for k, v in r.items()} for r in self.history]
         return write_csv(path, rows, None if rows else ["round"])
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
-        # Without a logger, log_dir falls back to the working directory: write nothing there.
-        out = rank_zero_log_dir(trainer)
-        if out is None or not self.history:
-            return
+    def write_artifacts(self, trainer: L.Trainer, pl_module: CohortModule, out: Path) -> dict[str, Path]:
+        """``<name>_rounds.csv`` and the figure ``<name>_rounds.png`` in ``out``."""
+        if not self.history:
+            return {}
         from lightning_colearn import plots  # matplotlib only here
 
         self.write_history(out / f"{self.name}_rounds.csv")
-        path = plots.plot_rounds(self.history, out / f"{self.name}_rounds.png", title=type(self).__name__, target=self.target)
-        plots.log_figure(trainer, f"{self.name}_rounds", path)
+        name = f"{self.name}_rounds"
+        return {name: plots.plot_rounds(self.history, out / f"{name}.png", title=type(self).__name__, target=self.target)}
+
+    def progress_postfix(self) -> dict[str, str]:
+        """The last round, for the progress bar: ``{"round": "7: score 0.812"}`` (or why it was discarded)."""
+        if not self.history:
+            return {}
+        last = self.history[-1]
+        value = last.get("score")
+        return {"round": f"{last['round']}: " + (f"score {value:.4g}" if value is not None else str(last.get("reason", "no score")))}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        # Without a logger nothing is written (the working directory is not the run's).
+        trackers.publish(trainer, pl_module, self)
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

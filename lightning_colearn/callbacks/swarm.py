@@ -51,7 +51,8 @@ from lightning_colearn.metrics.cohort import higher_is_better
 from lightning_colearn.metrics.scoring import score
 from lightning_colearn.module import CohortModule
 from lightning_colearn._checks import is_int_at_least
-from lightning_colearn._io import rank_zero_log_dir, write_csv
+from lightning_colearn import trackers
+from lightning_colearn._io import write_csv
 
 __all__ = ["ParticleSwarm"]
 
@@ -254,19 +255,27 @@ class ParticleSwarm(PicklableGenerator, Callback):
         if all(k in trainer.callback_metrics for k in keys):
             self.curves.append((trainer.global_step, [float(trainer.callback_metrics[k]) for k in keys]))
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
-        # Without a logger, log_dir falls back to the working directory: write nothing there
-        # (history and curves stay on the callback; write_history() saves them on demand).
-        out = rank_zero_log_dir(trainer)
-        if out is None:
-            return
+    def write_artifacts(self, trainer: L.Trainer, pl_module: CohortModule, out: Path) -> dict[str, Path]:
+        """``swarm_moves.csv`` and the figure ``swarm.png`` in ``out``; returns the figure by name."""
         if self.history:
             self.write_history(out / "swarm_moves.csv")
-        if self.curves or self.history:
-            from lightning_colearn import plots  # matplotlib only here
+        if not (self.curves or self.history):
+            return {}
+        from lightning_colearn import plots  # matplotlib only here
 
-            path = plots.plot_swarm(self.curves, self.history, out / "swarm.png")
-            plots.log_figure(trainer, "swarm", path)
+        return {"swarm": plots.plot_swarm(self.curves, self.history, out / "swarm.png")}
+
+    def progress_postfix(self) -> dict[str, str]:
+        """The last move, for the progress bar: ``{"swarm": "move 3: best 2, 4 moved"}``."""
+        if not self.history:
+            return {}
+        last = self.history[-1]
+        return {"swarm": f"move {len(self.history)}: best {last['best']}, {len(last['moved'])} moved"}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        # Without a logger nothing is written (the working directory is not the run's):
+        # history and curves stay on the callback; write_history() saves them on demand.
+        trackers.publish(trainer, pl_module, self)
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

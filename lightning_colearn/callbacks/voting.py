@@ -57,7 +57,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_colearn._seeded import PicklableGenerator
 from lightning_colearn._checks import is_int_at_least
-from lightning_colearn._io import rank_zero_log_dir, write_csv
+from lightning_colearn import trackers
+from lightning_colearn._io import write_csv
 from lightning_colearn.callbacks.rounds import is_last_batch, own_pass_steps
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.voting import best_voted, cast_votes, is_accepted
@@ -402,18 +403,28 @@ class CollectiveVoting(PicklableGenerator, Callback):
         rows = self.table()
         return write_csv(path, rows, None if rows else ["round", "step", "proposer", "accepted"])
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
-        # Without a logger, log_dir falls back to the working directory: write nothing there
-        # (results stay on the callback; write_results() and the plots save them on demand).
-        out = rank_zero_log_dir(trainer)
-        if out is None or not self.results:
-            return
+    def write_artifacts(self, trainer: L.Trainer, pl_module: CohortModule, out: Path) -> dict[str, Path]:
+        """``voting_results.csv``, the figures ``voting_results.png`` and ``voting_votes.png`` (the vote heat-map) in ``out``."""
+        if not self.results:
+            return {}
         from lightning_colearn import plots  # matplotlib only here
 
         self.write_results(out / "voting_results.csv")
-        for name, plot in (("voting_results", plots.plot_vote_results), ("voting_votes", plots.plot_votes)):
-            path = plot(self.results, out / f"{name}.png")
-            plots.log_figure(trainer, name, path)
+        return {name: plot(self.results, out / f"{name}.png")
+                for name, plot in (("voting_results", plots.plot_vote_results), ("voting_votes", plots.plot_votes))}
+
+    def progress_postfix(self) -> dict[str, str]:
+        """The last round, for the progress bar: ``{"round": "7: accepted 3/4"}`` (yes votes of the voters)."""
+        if not self.results:
+            return {}
+        last = self.results[-1]
+        outcome = "accepted" if last["accepted"] else "rejected"
+        return {"round": f"{last['round']}: {outcome} {last['yes']}/{last['voters']}"}
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        # Without a logger nothing is written (the working directory is not the run's):
+        # results stay on the callback; write_results() and the plots save them on demand.
+        trackers.publish(trainer, pl_module, self)
 
     # ------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -288,4 +288,4 @@ def test_each_move_is_logged_and_the_plot_reaches_image_loggers(tmp_path):
     for member, fitness in zip(record["chosen"], record["fitness"]):
         assert logged[f"swarm/fitness/member_{member}"][0][1] == pytest.approx(fitness)
     assert logged["swarm/moved"][0][1] == len(record["moved"])
-    assert [key for key, _, _ in ImageLogger.images] == ["swarm"]
+    assert [key for key, _, _ in ImageLogger.images] == ["plots/swarm"]
