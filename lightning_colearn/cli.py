@@ -88,6 +88,9 @@ def validate_config(cfg: DictConfig) -> None:
             f"trainer.devices must be <= cohort.size ({cfg.cohort.size}) with trainer.strategy={strategy} (the members "
             f"are sharded over the processes), got {devices}"
         )
+    steps = cfg.get("checkpoint_every_n_steps")
+    if steps is not None and not is_int_at_least(steps, 1):
+        raise ConfigError(f"checkpoint_every_n_steps must be null (after every epoch only) or an int >= 1, got {steps!r}")
     every = cfg.get("plot_every_n_epochs", 0)
     if isinstance(every, bool) or not isinstance(every, int) or every < 0:
         raise ConfigError(f"plot_every_n_epochs must be an int >= 0 (0: plots at the end only), got {every!r}")
@@ -335,7 +338,8 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             except (ValueError, TypeError) as err:
                 raise ConfigError(f"algorithm.callbacks.{name}: {err}") from err
         callbacks.append(callback)
-    callbacks.append(EpochCheckpoint(out / "checkpoints"))  # last.ckpt after every epoch: kills resume from there
+    # last.ckpt after every epoch (and every checkpoint_every_n_steps steps): kills resume from there
+    callbacks.append(EpochCheckpoint(out / "checkpoints", cfg.get("checkpoint_every_n_steps")))
     if cfg.get("plots", True) and cfg.get("plot_every_n_epochs", 0):
         callbacks.append(LivePlots(cfg.plot_every_n_epochs))
     if OmegaConf.select(cfg, "trainer.enable_progress_bar", default=True):

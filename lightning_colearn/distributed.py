@@ -34,6 +34,9 @@ Example:
 
 from __future__ import annotations
 
+import atexit
+import datetime
+
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -125,3 +128,40 @@ def gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
+
+
+_release_registered = False
+
+
+def release_process_group_at_exit(timeout: float = 60.0) -> None:
+    """Have this process leave its process group together with the others when it exits (once per process).
+
+    Lightning leaves the group to interpreter shutdown, where each rank tears down
+    its Gloo connections on its own; one rank exiting while another still used
+    them ended in ``terminate called without an active exception`` (SIGABRT) after
+    a finished run. At exit, this waits at a barrier for the other ranks (at most
+    ``timeout`` seconds, so a rank that died cannot hold the others) and then
+    destroys the group explicitly.
+    """
+    global _release_registered
+    if not _release_registered:
+        atexit.register(_release_process_group, timeout)
+        _release_registered = True
+
+
+def _release_process_group(timeout: float) -> None:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=timeout))
+        else:
+            dist.barrier()
+    except Exception:  # another rank is gone (it failed, or left first): leave anyway
+        pass
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        pass

@@ -592,6 +592,8 @@ class CohortModule(L.LightningModule):
     # ------------------------------------------------------ wrapped modules
     def setup(self, stage: str) -> None:
         self._rank, self._world_size = self.trainer.global_rank, self.trainer.world_size
+        if self._world_size > 1:  # leave the process group together at exit, whichever launcher started us
+            D.release_process_group_at_exit()
         # every rank starts from the same members (DDP broadcasts rank 0's when it wraps the module)
         self._stale, self._losses_shared = set(), True
         connector = getattr(self.trainer, "_accelerator_connector", None)
@@ -802,8 +804,13 @@ class CohortModule(L.LightningModule):
             else:
                 scheduler.step()
 
+    #: Buffers summing the running epoch's losses (non-persistent: not weights); a checkpoint taken inside
+    #: an epoch carries them, so the resumed epoch logs the means of all its steps.
+    EPOCH_SUMS = ("_epoch_loss", "_epoch_steps")
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["cohort_lr_schedulers"] = [None if c is None else c["scheduler"].state_dict() for c in self._schedulers]
+        checkpoint["cohort_epoch_sums"] = {name: getattr(self, name).detach().cpu().clone() for name in self.EPOCH_SUMS}
         if self.private is not None:
             checkpoint["cohort_privacy"] = self.private.state_dict()
         if self._world_size > 1:  # a checkpoint holds every member, whichever rank trained it
@@ -823,6 +830,15 @@ class CohortModule(L.LightningModule):
         return merged
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        sums = checkpoint.get("cohort_epoch_sums") or {}  # (an epoch's start zeroes them: only a mid-epoch resume keeps them)
+        for name, value in sums.items():
+            own = getattr(self, name, None) if name in self.EPOCH_SUMS else None
+            if own is None or not isinstance(value, Tensor) or value.shape != own.shape:
+                raise ValueError(f"the checkpoint's cohort_epoch_sums[{name!r}] does not fit this module "
+                                 f"(expected {None if own is None else tuple(own.shape)}, got "
+                                 f"{tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__})")
+        for name, value in sums.items():
+            getattr(self, name).copy_(value)
         privacy = checkpoint.get("cohort_privacy")
         if privacy is not None and self.privacy is None:
             raise ValueError("the checkpoint holds privacy accounting, this CohortModule has privacy=None: resuming "

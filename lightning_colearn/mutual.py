@@ -135,6 +135,8 @@ class MutualLearning(CohortModule):
         gathered = self.trainer.strategy.all_gather(mine).to(sample.dtype)  # [world, rows, B, C]
         return [own[i] if i in own else gathered[D.member_owner(i, world), i // world] for i in range(self.size)]
 
+    EPOCH_SUMS = (*CohortModule.EPOCH_SUMS, "_epoch_parts")
+
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
         self._epoch_parts.zero_()

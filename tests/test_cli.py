@@ -518,3 +518,9 @@ def test_a_sweep_lands_in_one_experiment_group_and_directory(cli_run):
     assert sorted(r["name"] for r in found) == sorted([*values, "sweep"])
     assert {r["group"] for r in found} == {str(multi)}
     assert all("test_acc/mean" in r["history"] for r in found if r["name"] != "sweep")
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "true"])
+def test_checkpoint_step_interval_is_checked(make_cfg, bad):
+    with pytest.raises(ConfigError, match=r"checkpoint_every_n_steps must be null \(after every epoch only\) or an int >= 1, got"):
+        train(make_cfg(f"checkpoint_every_n_steps={bad}", "trainer=debug"))

@@ -1,7 +1,9 @@
 """Kill -9, then resume: every algorithm on both backends ends exactly like an uninterrupted run.
 
-For each (algorithm, cohort backend) a real ``colearn`` subprocess is killed
-with SIGKILL at a seeded-random moment after its first checkpoint appears,
+For each (algorithm, cohort backend) a real ``colearn`` subprocess, which
+checkpoints after every step (``checkpoint_every_n_steps=1``), is killed
+with SIGKILL at a seeded-random moment after its first checkpoint appears
+(so mostly inside an epoch, and inside a round),
 then resumed the documented way (the same overrides, ``ckpt_path=last``, the
 same ``hydra.run.dir``) and compared with an uninterrupted run of the same
 overrides in another directory: the final weights bit for bit, the
@@ -42,7 +44,7 @@ pytestmark = pytest.mark.slow
 COLEARN = Path(sys.executable).with_name("colearn")
 ALGORITHMS = ("independent", "swarm", "mutual", "voting", "fedavg", "pofl")
 BACKENDS = ("loop", "stacked")
-EPOCHS, BATCHES = 6, 4  # after the first epoch-end checkpoint five epochs remain for the kill to land in
+EPOCHS, BATCHES = 6, 4  # after the first checkpoint (step 1) 23 steps remain for the kill to land in
 FINAL_STEP = EPOCHS * BATCHES  # one optimizer step per batch
 SMALL = [
     "trainer=debug",
@@ -54,6 +56,7 @@ SMALL = [
     "data.eval_batch_size=100",
     "test=false",
     "plots=false",
+    "checkpoint_every_n_steps=1",
 ]
 PER_ALGORITHM = {
     "independent": [],

@@ -8,7 +8,11 @@ rounds twice). It also writes the file in place, so a kill during the write
 would leave half a checkpoint where a whole one was. This subclass saves
 ``last.ckpt`` at every training epoch end (after the epoch's validation and
 after every other callback's epoch-end hook, since Lightning runs checkpoint
-callbacks last) through a temporary file and an atomic rename.
+callbacks last) through a temporary file and an atomic rename. With
+``every_n_train_steps`` it also saves after every n-th step, inside epochs and
+rounds (a resumed run continues from that very step: the loader's position and
+the round in progress are in the checkpoint); an epoch's last step is saved
+again at the epoch's end, with the epoch-end state (validation, decisions).
 
 Example:
     >>> import tempfile
@@ -29,12 +33,27 @@ __all__ = ["EpochCheckpoint"]
 class EpochCheckpoint(ModelCheckpoint):
     """A ``ModelCheckpoint`` keeping only ``last.ckpt``, rewritten (atomically) after every training epoch."""
 
-    def __init__(self, dirpath: str | os.PathLike) -> None:
+    def __init__(self, dirpath: str | os.PathLike, every_n_train_steps: int | None = None) -> None:
+        if every_n_train_steps is not None and (isinstance(every_n_train_steps, bool) or not isinstance(every_n_train_steps, int)
+                                                or every_n_train_steps < 1):
+            raise ValueError(f"every_n_train_steps must be None or an int >= 1, got {every_n_train_steps!r}")
         super().__init__(dirpath=dirpath, save_last=True, save_top_k=0)
+        self.every_n_steps = every_n_train_steps
+        self._saved_at_batch_end: int | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
+        # (not ModelCheckpoint's own step saving: under manual optimization, as a CohortModule trains, it warns
+        # at every save that the weights are those after the step, which is what a resume needs)
+        n = self.every_n_steps
+        if n and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            self._saved_at_batch_end = trainer.global_step
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
-        if not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved
+        if self._saved_at_batch_end == trainer.global_step == self._last_global_step_saved:
+            self._last_global_step_saved = -1  # saved after the epoch's last batch: again, with the epoch's end in it
+        if not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved at an epoch end
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

@@ -450,6 +450,9 @@ class FederatedAveraging(ClientRounds):
                           sync_dist=pl_module.sync_logs)
 
     # ------------------------------------------------------------ checkpoint
+    def resume_mid_epoch(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        self._module = pl_module  # (the round's start state came with the checkpoint: round_start)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         self._module = pl_module
         if self._clients is None and self._dp_budget_spent(pl_module):  # a new round would pass target_epsilon

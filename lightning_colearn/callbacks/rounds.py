@@ -135,6 +135,7 @@ class ClientRounds(PicklableGenerator, Callback):
         self._synced = False
         self._remaining: dict[int, float] = {}
         self._round_steps: dict[int, int] = {}  # optimizer steps each client of the round in progress has taken
+        self._resume_remaining: dict[int, int] | None = None  # from a checkpoint taken inside an epoch
 
     @staticmethod
     def _check_arguments(**kw: Any) -> list[str]:
@@ -198,6 +199,19 @@ class ClientRounds(PicklableGenerator, Callback):
         if not self._synced:  # every client starts from one initial model (not on resume: already equal)
             pl_module.cohort.broadcast(0)
             self._synced = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        remaining, self._resume_remaining = self._resume_remaining, None
+        if remaining is not None and self._clients is not None and getattr(trainer.fit_loop, "restarted_mid_epoch", False):
+            # resumed inside an epoch: Lightning does not call on_train_epoch_start again, so the epoch's
+            # client steps left and the active clients come from the checkpoint
+            self.resume_mid_epoch(trainer, pl_module)
+            self._remaining = remaining
+            self._round_start = time.perf_counter()
+            pl_module.active_members = [c for c in self._clients if self._remaining[c] > 0]
+
+    def resume_mid_epoch(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        """Subclass hook: restore what ``on_train_epoch_start`` would have set up, on a resume inside an epoch."""
 
     def on_train_end(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         pl_module.active_members = None
@@ -370,6 +384,8 @@ class ClientRounds(PicklableGenerator, Callback):
             "round_epochs": self._round_epochs,
             "round_steps": dict(self._round_steps),
             "synced": self._synced,
+            # the epoch's steps left per client: a checkpoint inside an epoch resumes with them
+            "remaining": dict(self._remaining) if self._clients is not None and hasattr(self, "_remaining") else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -392,8 +408,14 @@ class ClientRounds(PicklableGenerator, Callback):
                 raise ValueError(f"round_epochs must be an int in [0, {self.local_epochs}] (local_epochs), got {round_epochs!r}")
             if not isinstance(synced, bool):
                 raise ValueError(f"synced must be a bool, got {synced!r}")
+            remaining = state_dict.get("remaining")
+            if remaining is not None and (clients is None or not isinstance(remaining, dict) or set(remaining) != set(clients)
+                                          or not all(is_int_at_least(v, 0) for v in remaining.values())):
+                raise ValueError(f"remaining must be None or each client of the round's steps left, got {remaining!r} "
+                                 f"for clients {clients!r}")
             self.generator.set_state(state_dict["generator"])  # the last step that can fail: nothing half-loaded
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise ValueError(f"{type(self).__name__} checkpoint state is corrupt or from another version: {err}") from err
         self.round, self.history, self.rounds_to_target, self._clients = round_, history, rounds_to_target, clients
         self._round_epochs, self._synced, self._round_steps = round_epochs, synced, dict(round_steps)
+        self._resume_remaining = None if remaining is None else {int(k): int(v) for k, v in remaining.items()}

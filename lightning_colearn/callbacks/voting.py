@@ -47,6 +47,7 @@ import copy
 import math
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
@@ -434,16 +435,42 @@ class CollectiveVoting(PicklableGenerator, Callback):
             "results": list(self.results),
             "current": self.current,
             "synced": self._synced,
+            # a checkpoint inside a round (every_n_train_steps, mid-epoch): the proposers' pre-round snapshots
+            # and their steps left, so the resumed round reverts and votes as the uninterrupted one
+            "round_in_progress": {
+                "proposers": list(self._proposers), "remaining": dict(self._remaining),
+                "snapshots": {p: {"model": m, "optimizer": o} for p, (m, o) in self._snapshots.items()},
+                "initial_seconds": self._initial_seconds,
+            } if getattr(self, "_in_round", False) else None,
         }
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
+        resume, self._resume_round = getattr(self, "_resume_round", None), None
+        if resume is not None and getattr(trainer.fit_loop, "restarted_mid_epoch", False):
+            # resumed inside a round: Lightning does not call on_train_epoch_start again
+            self._proposers, self._remaining = resume["proposers"], resume["remaining"]
+            self._snapshots = {p: (v["model"], v["optimizer"]) for p, v in resume["snapshots"].items()}
+            self._initial_seconds, self._in_round = resume["initial_seconds"], True
+            self._round_start = time.perf_counter()
+            pl_module.active_members = [p for p in self._proposers if self._remaining[p] > 0]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
             round_, results, current = int(state_dict["round"]), list(state_dict["results"]), state_dict["current"]
             if round_ != len(results) or (current is not None and not isinstance(current, list)):
                 raise ValueError(f"round {round_} with {len(results)} recorded rounds")
+            resume = state_dict.get("round_in_progress")
+            if resume is not None:
+                proposers, remaining, snapshots = resume["proposers"], resume["remaining"], resume["snapshots"]
+                if not (isinstance(proposers, list) and set(remaining) == set(proposers) == set(snapshots)
+                        and all(isinstance(v, Mapping) and isinstance(v["model"], Mapping) and isinstance(v["optimizer"], Mapping)
+                                for v in snapshots.values())):
+                    raise ValueError(f"round_in_progress must hold each proposer's steps left and snapshot, got proposers "
+                                     f"{proposers!r}, remaining for {sorted(remaining)!r}, snapshots of {sorted(snapshots)!r}")
             self.generator.set_state(state_dict["generator"])
         except (KeyError, RuntimeError, TypeError, ValueError) as err:
             raise ValueError(f"CollectiveVoting checkpoint state is corrupt or from another version: {err}") from err
+        self._resume_round = resume
         self.round, self.results, self.current, self._synced = round_, results, current, bool(state_dict["synced"])
 
 

@@ -408,11 +408,18 @@ class CohortDataModule(L.LightningDataModule):
         self._check_setup()
         if self.stream == "shared":
             union = np.sort(np.concatenate([m["train"] for m in self._members]))  # type: ignore[union-attr]
-            return make_loader(self._view(self.train_set, [union], self.batch_size, train=True, seeds=[self.seed]), self.num_workers)
+            return make_loader(self._view(self.train_set, [union], self.batch_size, train=True, seeds=[self.seed]),
+                               self.num_workers, self._training_progress)
         seeds = [self.seed * 7919 + i + 1 for i in range(self.num_members)]  # member_dataloader's seeds
         parts = [m["train"] for m in self._members]  # type: ignore[union-attr]
         batches = self._view(self.train_set, parts, self.batch_size, train=True, seeds=seeds, as_dict=True)
-        return CombinedLoader(make_loader(batches, self.num_workers), mode="max_size_cycle")
+        return CombinedLoader(make_loader(batches, self.num_workers, self._training_progress), mode="max_size_cycle")
+
+    def _training_progress(self) -> tuple[int, int]:
+        """The trainer's current epoch and how many of its batches it has processed: where a checkpoint taken
+        now resumes (what the training loader saves; see :class:`~lightning_colearn.data.loaders.StepLoader`)."""
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self):
         if self._wrapped is not None:

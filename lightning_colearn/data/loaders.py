@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_colearn.data.sources import Source, TensorSource
 
-__all__ = ["Batches", "EpochShuffleSampler", "StepSampler", "make_loader", "seeded"]
+__all__ = ["Batches", "EpochShuffleSampler", "StepLoader", "StepSampler", "make_loader", "seeded"]
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -72,19 +72,31 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class StepSampler(Sampler[tuple[int, int]]):
-    """``(epoch, step)`` for every step of an epoch; Lightning sets the epoch as for any sampler."""
+    """``(epoch, step)`` for every step of an epoch; Lightning sets the epoch as for any sampler.
+
+    :meth:`resume_at` makes the next pass over ``epoch`` start at ``step`` (a run resumed from a
+    checkpoint taken inside an epoch continues with the batch it would have trained next).
+    """
 
     def __init__(self, steps: int) -> None:
         self.steps, self.epoch = steps, 0
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def resume_at(self, epoch: int, step: int) -> None:
+        self._resume = (epoch, step)
+
     def __iter__(self) -> Iterator[tuple[int, int]]:
         # a generator: the epoch is read at the first batch, not when the DataLoader makes its iterator
         # (on resume Lightning makes the iterator before it sets the restored epoch)
-        epoch = self.epoch
-        for step in range(self.steps):
+        epoch, start = self.epoch, 0
+        if self._resume is not None:
+            resume, self._resume = self._resume, None
+            if resume[0] == epoch and resume[1] < self.steps:  # (after an epoch's last batch: the next epoch, from 0)
+                start = resume[1]
+        for step in range(start, self.steps):
             yield epoch, step
 
     def __len__(self) -> int:
@@ -238,7 +250,43 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
-def make_loader(batches: Batches, num_workers: int = 0) -> DataLoader:
-    """An ordinary DataLoader over ``batches``: one item per step, in step order, ``num_workers`` processes."""
+class StepLoader(DataLoader):
+    """A DataLoader over :class:`Batches` that Lightning can checkpoint and resume inside an epoch.
+
+    Lightning saves ``state_dict()`` of every loader that has one with each checkpoint and hands it to
+    ``load_state_dict`` before training resumes. The position is the trainer's count of the epoch's
+    processed batches (``progress()``), not the batches this loader handed out: Lightning's fetcher
+    (and DataLoader workers) read ahead, so those include batches not yet trained on.
+    """
+
+    def __init__(self, batches: Batches, num_workers: int = 0, progress: Callable[[], tuple[int, int]] | None = None) -> None:
+        super().__init__(batches, batch_size=None, sampler=StepSampler(len(batches)), collate_fn=_as_is,
+                         num_workers=num_workers, persistent_workers=num_workers > 0)
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "step"}``: the epoch and how many of its batches the trainer has processed."""
+        epoch, step = self.progress() if self.progress is not None else (self.sampler.epoch, 0)
+        return {"epoch": int(epoch), "step": int(step)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        try:
+            epoch, step = int(state["epoch"]), int(state["step"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"the checkpoint's training-loader state must be {{'epoch': int, 'step': int}}, got {state!r}") from err
+        if not 0 <= step <= len(self.sampler) or epoch < 0:
+            raise ValueError(f"the checkpoint's training-loader state {state!r} does not fit this loader "
+                             f"(steps per epoch: {len(self.sampler)}): was it saved with other data or batch size?")
+        self.sampler.resume_at(epoch, step)
+
+
+def make_loader(batches: Batches, num_workers: int = 0, progress: Callable[[], tuple[int, int]] | None = None) -> DataLoader:
+    """A DataLoader over ``batches``: one item per step, in step order, ``num_workers`` processes.
+
+    With ``progress`` (the trainer's ``(epoch, processed batches)``) it is a resumable
+    :class:`StepLoader` (the training loaders); without, an ordinary DataLoader.
+    """
+    if progress is not None:
+        return StepLoader(batches, num_workers, progress)
     return DataLoader(batches, batch_size=None, sampler=StepSampler(len(batches)), collate_fn=_as_is,
                       num_workers=num_workers, persistent_workers=num_workers > 0)
