@@ -20,11 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 
 from helpers import fast_trainer, same_state, states
 from lightning_colearn import (CohortDataModule, CohortModule, CollectiveVoting, FederatedAveraging, MutualLearning,
                                ParticleSwarm, PopulationBasedTraining, ProofOfLearning)
+from lightning_colearn.callbacks import EpochCheckpoint
 from lightning_colearn.data.loaders import StepLoader
 from lightning_colearn.ledger import Ledger
 from lightning_colearn.models import MLP
@@ -81,6 +82,18 @@ class LedgerCopies(Callback):
         shutil.copyfile(self.ledger, self.folder / f"ledger-step={trainer.global_step}.db")
 
 
+class EveryStep(EpochCheckpoint):
+    """``EpochCheckpoint(every_n_train_steps=1)`` keeping a copy of each save as ``step=<n>.ckpt``
+    (an epoch's last step: the save at the epoch's end)."""
+
+    def __init__(self, folder: Path):
+        super().__init__(folder, every_n_train_steps=1)
+
+    def _save_checkpoint(self, trainer, filepath):
+        super()._save_checkpoint(trainer, filepath)
+        shutil.copyfile(filepath, Path(filepath).with_name(f"step={trainer.global_step}.ckpt"))
+
+
 def _blocks(path: Path) -> list[tuple]:
     ledger = Ledger(path)
     try:  # the decisions; a block's time (and so its hash) is the wall clock's
@@ -91,10 +104,10 @@ def _blocks(path: Path) -> list[tuple]:
 
 def _fit(algorithm, backend, tmp, ckpt_path=None, every_step=False):
     module = _module(algorithm, backend)
-    dm = CohortDataModule(num_members=MEMBERS, batch_size=32, max_train_samples=480, seed=0,  # 4 batches an epoch
+    dm = CohortDataModule(num_members=MEMBERS, batch_size=32, max_train_samples=480, seed=0,  # 3 batches an epoch
                           stream="shared" if algorithm == "mutual" else "per_member")
     callbacks = _callbacks(algorithm, tmp)
-    extra = [ModelCheckpoint(dirpath=tmp / "steps", every_n_train_steps=1, save_top_k=-1, filename="{step}")] if every_step else []
+    extra = [EveryStep(tmp / "steps")] if every_step else []
     if every_step and algorithm == "pofl":
         extra.insert(0, LedgerCopies(tmp / "ledger.db", tmp / "steps"))
     trainer = fast_trainer(max_epochs=EPOCHS, callbacks=[*callbacks, *extra], enable_checkpointing=every_step,
@@ -117,8 +130,9 @@ def test_resume_from_a_step_inside_an_epoch_equals_the_uninterrupted_run(tmp_pat
                       else trainer.train_dataloader, StepLoader)
     total = trainer.global_step
     inside = [s for s in range(1, total) if s % steps_per_epoch]  # steps that end inside an epoch
+    boundary = [s for s in range(1, total) if not s % steps_per_epoch]  # an epoch's last step (saved at its end)
     rng = random.Random(f"{algorithm}-{backend}")
-    for step in sorted(rng.sample(inside, 2)):
+    for step in sorted([*rng.sample(inside, 2), rng.choice(boundary)]):
         ckpt = tmp_path / "full" / "steps" / f"step={step}.ckpt"
         assert ckpt.is_file(), sorted(p.name for p in (tmp_path / "full" / "steps").iterdir())
         if algorithm == "pofl":  # the resumed run continues the ledger as it was at that step
@@ -194,25 +208,21 @@ def test_epoch_loss_sums_of_another_cohort_size_are_refused(tmp_path):
 
 
 def test_epoch_checkpoint_step_interval_is_checked(tmp_path):
-    from lightning_colearn.callbacks import EpochCheckpoint
-
     with pytest.raises(ValueError, match=r"every_n_train_steps must be None or an int >= 1, got 0"):
         EpochCheckpoint(tmp_path, every_n_train_steps=0)
 
 
-def test_epoch_checkpoint_saves_every_n_steps_and_again_at_the_epoch_end(tmp_path):
-    from lightning_colearn.callbacks import EpochCheckpoint
-
+def test_epoch_checkpoint_saves_every_n_steps_and_the_last_at_the_epoch_end(tmp_path):
     saved = []
 
     class Spy(EpochCheckpoint):
         def _save_checkpoint(self, trainer, filepath):
-            saved.append((trainer.global_step, trainer.fit_loop.epoch_loop.batch_progress.is_last_batch))
+            saved.append(trainer.global_step)
             super()._save_checkpoint(trainer, filepath)
 
     module = _module("independent", "loop")
     dm = CohortDataModule(num_members=MEMBERS, batch_size=32, max_train_samples=480, seed=0)
     trainer = fast_trainer(max_epochs=2, callbacks=[Spy(tmp_path, every_n_train_steps=2)], enable_checkpointing=True)
     trainer.fit(module, datamodule=dm)
-    assert [s for s, _ in saved] == [2, 4, 4, 6, 8, 8]  # steps 2 and 4 of each 4-step epoch, and each epoch's end
+    assert saved == [2, 3, 4, 6]  # every 2nd step of two 3-step epochs, and each epoch's end (its last step)
     assert (tmp_path / "last.ckpt").is_file() and not list(tmp_path.glob("*.tmp"))

@@ -11,8 +11,11 @@ after every other callback's epoch-end hook, since Lightning runs checkpoint
 callbacks last) through a temporary file and an atomic rename. With
 ``every_n_train_steps`` it also saves after every n-th step, inside epochs and
 rounds (a resumed run continues from that very step: the loader's position and
-the round in progress are in the checkpoint); an epoch's last step is saved
-again at the epoch's end, with the epoch-end state (validation, decisions).
+the round in progress are in the checkpoint). An epoch's last step is saved at
+the epoch's end instead, with the epoch-end state (validation, decisions):
+Lightning resumes a checkpoint taken after an epoch's last batch as a finished
+epoch, without running that epoch's end (a plain ``ModelCheckpoint`` whose
+``every_n_train_steps`` hits an epoch's last batch loses it that way).
 
 Example:
     >>> import tempfile
@@ -45,14 +48,16 @@ class EpochCheckpoint(ModelCheckpoint):
         # (not ModelCheckpoint's own step saving: under manual optimization, as a CohortModule trains, it warns
         # at every save that the weights are those after the step, which is what a resume needs)
         n = self.every_n_steps
-        if n and trainer.global_step % n == 0 and not self._should_skip_saving_checkpoint(trainer):
+        if not n or trainer.global_step % n or trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return  # (an epoch's last batch: saved when the epoch ends, see the module's docstring)
+        if not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self._saved_at_batch_end = trainer.global_step
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
         if self._saved_at_batch_end == trainer.global_step == self._last_global_step_saved:
-            self._last_global_step_saved = -1  # saved after the epoch's last batch: again, with the epoch's end in it
+            self._last_global_step_saved = -1  # saved after a batch (max_steps ended the epoch early): again, with the epoch's end
         if not self._should_skip_saving_checkpoint(trainer):  # skips a step already saved at an epoch end
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
