@@ -241,8 +241,11 @@ def _last_log_dir(run: Path) -> Path:
 
 
 def _config(run: Path) -> dict:
-    """The run's saved (resolved) config.yaml, with the run dir written as ``RUN``."""
-    return yaml.safe_load((run / "config.yaml").read_text().replace(str(run), "RUN"))
+    """The run's saved (resolved) config.yaml, with the run dir written as ``RUN``, without the tracker names
+    (a multirun's job names its sweep; they name runs, they set nothing the training reads)."""
+    config = yaml.safe_load((run / "config.yaml").read_text().replace(str(run), "RUN"))
+    config.pop("tracking")
+    return config
 
 
 def _decision_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
