@@ -33,6 +33,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -41,9 +42,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from lightning_colearn import trackers
-from lightning_colearn.callbacks.checkpoint import EpochCheckpoint
+from lightning_colearn.callbacks.checkpoint import CheckpointWriteError, EpochCheckpoint
 from lightning_colearn.callbacks.reporting import CohortProgressBar, LivePlots
 from lightning_colearn.data.datasets import DatasetNotFoundError
+from lightning_colearn.ledger import LedgerError
 from lightning_colearn._checks import is_int_at_least
 
 __all__ = ["ConfigError", "main", "train", "validate_config"]
@@ -324,7 +326,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
 def _train(cfg: DictConfig) -> dict[str, float]:
     validate_config(cfg)
     out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module, datamodule = build(cfg)
     callbacks = []
@@ -375,6 +377,37 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     trackers.finish(loggers)
     _report(out, results, plots, _metrics_csv(trainer))
     return results
+
+
+def _check_writable(out: Path, field: str = "paths.output_dir") -> None:
+    """Create the output dir and write a probe into it: a read-only or full one is a one-line error before training."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".colearn-write-probe-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{field}: {out} is not writable ({err.strerror or err}); choose another directory "
+                          "(hydra.run.dir=... or hydra.sweep.dir=...) or free space there") from err
+
+
+class OutputDirCheck(HydraCallback):
+    """Hydra callback (conf/config.yaml): a run or sweep dir that cannot be written is one line on stderr
+    (exit status 2), before Hydra writes its own files there and fails with a traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.run.dir, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config.hydra.sweep.dir, "hydra.sweep.dir")
+
+    @staticmethod
+    def _check(path: Any, field: str) -> None:
+        try:
+            _check_writable(Path(str(path)), field)
+        except ConfigError as err:
+            print(f"colearn: error: {err}", file=sys.stderr)
+            sys.exit(2)
 
 
 def _send_files(cfg: DictConfig, trainer: L.Trainer, out: Path) -> None:
@@ -496,7 +529,7 @@ def _named(field: str, err: BaseException) -> str:
 
 
 # Errors a user can cause from the command line: shown as one line, not a traceback.
-_USER_ERRORS = (ConfigError, DatasetNotFoundError)
+_USER_ERRORS = (ConfigError, DatasetNotFoundError, CheckpointWriteError, LedgerError)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://lightning_colearn.conf", config_name="config")

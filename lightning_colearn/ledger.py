@@ -445,6 +445,12 @@ class Ledger:
             with self._conn:  # BEGIN IMMEDIATE: nobody appends between our check and our insert
                 self._conn.execute("BEGIN IMMEDIATE")
                 self.check_chain()
+                if isinstance(block.index, int) and 0 <= block.index < len(self):  # another writer got there first
+                    other = self.block(block.index)
+                    # (a LedgerError, not BlockRefused: nothing is wrong with the block, the chain moved on under it)
+                    raise LedgerError(f"block {block.index}: another writer appended block {other.index} first (round "
+                                       f"{other.round}, hash {other.hash[:12]}...); this block was not written: "
+                                       f"propose again after block {len(self) - 1}")
                 self.validate(block, weights, rescore, tol)
                 self._conn.execute(
                     f"INSERT INTO blocks ({', '.join(_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",

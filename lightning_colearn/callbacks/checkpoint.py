@@ -25,12 +25,17 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-__all__ = ["EpochCheckpoint"]
+__all__ = ["CheckpointWriteError", "EpochCheckpoint"]
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, read-only directory); nothing already saved was touched."""
 
 
 class EpochCheckpoint(ModelCheckpoint):
@@ -63,7 +68,15 @@ class EpochCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         tmp = f"{filepath}.tmp"
-        trainer.save_checkpoint(tmp, self.save_weights_only)
+        try:
+            trainer.save_checkpoint(tmp, self.save_weights_only)
+        except OSError as err:  # a full disk, a read-only or vanished directory: the last good checkpoint stays
+            if trainer.is_global_zero:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+            raise CheckpointWriteError(
+                f"checkpoint {filepath} could not be written ({err.strerror or err}); the previous checkpoint there, "
+                "if any, is intact: free space (or fix the directory) and resume with ckpt_path=last") from err
         if trainer.is_global_zero:
             os.replace(tmp, filepath)  # a kill leaves the previous checkpoint or this one, never half of one
         trainer.strategy.barrier("EpochCheckpoint")
