@@ -2,9 +2,10 @@
 
 Faults (each row: fault, what happened, outcome):
 
-* **kills**: a ``colearn`` run (every algorithm, both cohort backends) is killed
-  with SIGKILL at a random point after its first checkpoint, then resumed with
-  ``ckpt_path=last``. *recovered* if its final weights equal an uninterrupted
+* **kills**: a ``colearn`` run (every algorithm, both cohort backends) that
+  checkpoints after every step (``checkpoint_every_n_steps=1``) is killed with
+  SIGKILL at a random point after its first checkpoint (so at a random step,
+  mostly inside an epoch and a round), then resumed with ``ckpt_path=last``. *recovered* if its final weights equal an uninterrupted
   run's bit for bit (``OMP_NUM_THREADS=1`` everywhere) and, for PoFL, its
   ledger verifies with the same block digests; else *lost*.
 * **corrupt or hostile files**: a truncated, tampered, NaN-holding or pickled
@@ -14,6 +15,14 @@ Faults (each row: fault, what happened, outcome):
 * **NaN members**: a voting proposal, a FedAvg client and a member state with
   NaN weights. *rejected* if the NaN never reaches another member.
 * **bad configs**: one-line ``colearn`` errors for bad values.
+* **DDP exits**: ``--ddp-runs`` CLI runs with ``trainer.strategy=ddp_spawn`` and as many
+  under ``torchrun`` (``trainer.strategy=ddp``), 2 processes each, cycling swarm, voting and
+  PoFL; two CPU-burning processes run beside every other one. *ok* if the command exits 0
+  with its ``results.json``; else *lost*.
+* **two writers and full disks**: a second process appends to a ledger under a writer's
+  proposed block; a ledger append and a checkpoint on a full (tmpfs) disk; a run dir on a
+  read-only mount. *rejected* if refused with a message naming what happened, with every
+  earlier block and the last good checkpoint intact.
 
 Then RSS per round for the big cohorts (64 logistic regressions through 50
 FedAvg rounds, 16 ConvNets voting for 12 rounds; stacked backend).
@@ -59,7 +68,8 @@ ALGORITHMS = {  # small runs with several epochs, so a kill lands mid-run
              "algorithm.threshold=0.0"],
 }
 COMMON = ["trainer=debug", "trainer.max_epochs=6", "++trainer.limit_train_batches=6", "plots=false", "test=false",
-          "data.batch_size=32", "data.eval_batch_size=200", "logger=none"]
+          "data.batch_size=32", "data.eval_batch_size=200", "logger=none", "checkpoint_every_n_steps=1"]
+STEPS_PER_EPOCH = 6
 
 
 def _colearn(args: list[str], wait: bool = True):
@@ -104,6 +114,7 @@ def kill_and_resume(algorithm: str, backend: str, root: Path, seed: int) -> tupl
             break
     else:
         return "never killed mid-run (finished first)", "lost"
+    step = torch.load(killed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
     resumed = _colearn([*overrides, "ckpt_path=last", f"hydra.run.dir={killed}"])
     if resumed.returncode != 0:
         return f"resume failed: {resumed.stderr.strip().splitlines()[-1]}", "lost"
@@ -111,7 +122,8 @@ def kill_and_resume(algorithm: str, backend: str, root: Path, seed: int) -> tupl
     same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     chains = _ledger_digests(straight), _ledger_digests(killed)
     tmp_left = list(killed.glob("**/*.tmp"))
-    what = "killed (SIGKILL) after a checkpoint, resumed: " + ("same weights" if same else "weights differ")
+    where = "inside an epoch" if step % STEPS_PER_EPOCH else "at an epoch's end"
+    what = f"killed (SIGKILL) after step {step} ({where}), resumed: " + ("same weights" if same else "weights differ")
     if chains[0] is not None:
         what += f", ledger {'same' if chains[0] == chains[1] else 'DIFFERENT'} ({len(chains[1] or [])} blocks, verified)"
     if tmp_left:
@@ -291,11 +303,139 @@ def big_cohorts() -> list[tuple[str, list[float]]]:
     return out
 
 
+# ------------------------------------------------------------------ DDP exits
+DDP_ALGORITHMS = {
+    "swarm": ["algorithm=swarm", "algorithm.callbacks.swarm.every_n_steps=2"],
+    "voting": ["algorithm=voting"],
+    "pofl": ["algorithm=pofl", "algorithm.threshold=0.0"],
+}
+DDP_COMMON = ["trainer=debug", "trainer.max_epochs=2", "trainer.devices=2", "trainer.accelerator=cpu", "plots=false",
+              "logger=none", "data.batch_size=32", "data.eval_batch_size=200"]
+
+
+def ddp_exits(root: Path, runs: int) -> list[tuple[str, str, str]]:
+    """``runs`` CLI ddp_spawn runs and ``runs`` torchrun runs; every other one beside two CPU burners."""
+    rows = []
+    torchrun = Path(sys.executable).with_name("torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    for launcher in ("ddp_spawn", "torchrun"):
+        for i in range(runs):
+            name = list(DDP_ALGORITHMS)[i % len(DDP_ALGORITHMS)]
+            run = root / f"ddp-{launcher}-{i}"
+            if launcher == "ddp_spawn":
+                cmd = [str(COLEARN), *DDP_ALGORITHMS[name], *DDP_COMMON, "trainer.strategy=ddp_spawn"]
+            else:
+                cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(COLEARN), *DDP_ALGORITHMS[name],
+                       *DDP_COMMON, "trainer.strategy=ddp"]
+            burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2 if i % 2 else 0)]
+            try:
+                done = subprocess.run([*cmd, f"hydra.run.dir={run}"], env=env, capture_output=True, text=True, timeout=600)
+            finally:
+                for b in burners:
+                    b.kill()
+                    b.wait()
+            has_results = (run / "results.json").is_file()
+            load = ", beside 2 CPU burners" if burners else ""
+            tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
+            what = f"exit {done.returncode}, results.json {'written' if has_results else 'MISSING'}{load}"
+            ok = done.returncode == 0 and has_results
+            rows.append((f"{launcher} {name} #{i}", what if ok else f"{what}: {tail}", "ok" if ok else "lost"))
+    return rows
+
+
+# ------------------------------------------------------------------ two writers, full disks
+def _mount(path: Path, size_kib: int, readonly: bool = False) -> bool:
+    path.mkdir(parents=True, exist_ok=True)
+    options = f"size={size_kib}k" + (",ro" if readonly else "")
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True).returncode == 0
+
+
+def writer_and_disk_faults(root: Path) -> list[tuple[str, str, str]]:
+    from lightning_colearn.callbacks import CheckpointWriteError, EpochCheckpoint
+
+    rows = []
+    weights = lambda r: {"w": torch.randn(64, 64, generator=torch.Generator().manual_seed(r))}  # noqa: E731
+    # a second writer process appends while this one holds a proposed block
+    path = root / "two-writers.db"
+    with Ledger(path) as ledger:
+        ledger.append(round=0, winner=0, scores=[0.5], weights=weights(0))
+        block, data = ledger.propose(round=1, winner=0, scores=[0.6], weights=weights(1))
+        other = (f"import torch\nfrom lightning_colearn import Ledger\nwith Ledger({str(path)!r}) as l:\n"
+                 "    l.append(round=7, winner=0, scores=[0.9], weights={'w': torch.zeros(64, 64)})")
+        subprocess.run([sys.executable, "-c", other], check=True, timeout=120)
+        try:
+            ledger.commit(block, data)
+            what, outcome = "both blocks written", "lost"
+        except Exception as err:  # noqa: BLE001 - the row reports whatever happened
+            what = f"{type(err).__name__}: {str(err)[:90]}..."
+            outcome = "rejected"
+    with Ledger(path, readonly=True) as ledger:
+        if not (ledger.verify() and len(ledger) == 2):
+            outcome = "lost"
+    rows.append(("ledger: a second writer process", what, outcome))
+
+    mounts = []
+    try:
+        disk = root / "full-disk"
+        if _mount(disk, 256):
+            mounts.append(disk)
+            stored, what = 0, "the disk never filled"
+            with Ledger(disk / "ledger.db") as ledger:
+                try:
+                    for r in range(100):
+                        ledger.append(round=r, winner=0, scores=[0.5], weights=weights(r))
+                        stored += 1
+                except Exception as err:  # noqa: BLE001
+                    what = f"{type(err).__name__} after {stored} blocks: {str(err)[-40:]}"
+            with Ledger(disk / "ledger.db", readonly=True) as ledger:
+                intact = bool(ledger.verify()) and len(ledger) == stored
+            rows.append(("ledger: disk full during an append", what + (", chain intact" if intact else ", CHAIN DAMAGED"),
+                         "rejected" if intact and stored < 100 else "lost"))
+
+            probe = root / "probe"
+            _fit_epochs(probe, 1, EpochCheckpoint)
+            size = (probe / "last.ckpt").stat().st_size
+            small = root / "small-disk"
+            if _mount(small, (size * 3 // 2) // 1024 + 4):
+                mounts.append(small)
+                try:
+                    _fit_epochs(small, 3, EpochCheckpoint)
+                    what, outcome = "no error", "lost"
+                except CheckpointWriteError as err:
+                    kept = torch.load(small / "last.ckpt", map_location="cpu", weights_only=True)
+                    intact = kept["epoch"] == 0 and not list(small.glob("*.tmp"))
+                    what = f"CheckpointWriteError ({err.__cause__.strerror}); epoch 0's checkpoint " + ("intact" if intact else "DAMAGED")
+                    outcome = "rejected" if intact else "lost"
+                rows.append(("checkpoint: disk full", what, outcome))
+            ro = root / "read-only"
+            if _mount(ro, 64, readonly=True):
+                mounts.append(ro)
+                done = _colearn(["trainer=debug", f"hydra.run.dir={ro / 'run'}"])
+                line = done.stderr.strip()
+                rows.append(("run dir on a read-only mount", f"exit {done.returncode}: {line[:100]}",
+                             "rejected" if done.returncode == 2 and "not writable" in line else "lost"))
+        else:
+            rows.append(("full disk / read-only mount", "cannot mount tmpfs here (needs root): not measured", "skipped"))
+    finally:
+        for m in reversed(mounts):
+            subprocess.run(["umount", str(m)], capture_output=True)
+    return rows
+
+
+def _fit_epochs(dirpath: Path, epochs: int, checkpoint_cls) -> None:
+    module = CohortModule(lambda: MLP(hidden=16), size=2, num_classes=10)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[checkpoint_cls(dirpath)])
+    trainer.fit(module, datamodule=CohortDataModule(num_members=2, batch_size=32, max_train_samples=128, seed=0))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--backends", nargs="+", default=["loop", "stacked"], choices=["loop", "stacked"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ddp-runs", type=int, default=20, help="CLI ddp_spawn runs, and as many torchrun runs")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     import logging
@@ -312,13 +452,15 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(checkpoint_fault(root))
         rows += nan_faults()
         rows += [(f"config {o}", w, r) for o, w, r in config_faults(root)]
+        rows += writer_and_disk_faults(root)
+        rows += ddp_exits(root, args.ddp_runs)
     width = max(len(r[0]) for r in rows)
     print(f"{'fault':{width}}  {'outcome':9}  what happened")
     for fault, what, outcome in rows:
         print(f"{fault:{width}}  {outcome:9}  {what}")
     lost = [r for r in rows if r[2] == "lost"]
-    print(f"\n{len(rows)} faults: {sum(r[2] == 'recovered' for r in rows)} recovered, "
-          f"{sum(r[2] == 'rejected' for r in rows)} rejected, {len(lost)} lost")
+    print(f"\n{len(rows)} rows: {sum(r[2] == 'recovered' for r in rows)} recovered, "
+          f"{sum(r[2] == 'rejected' for r in rows)} rejected, {sum(r[2] == 'ok' for r in rows)} ok, {len(lost)} lost")
     print("\nRSS per round (MiB), stacked backend:")
     for name, rss in big_cohorts():
         marks = {1: rss[0], 10: rss[9], len(rss) // 2: rss[len(rss) // 2 - 1], len(rss): rss[-1]}
