@@ -10,7 +10,7 @@ import operator
 def is_int_at_least(value: object, minimum: int) -> bool:
     """True for an integer (Python or numpy, not bool) that is ``>= minimum``.
 
-    Example:
+    Examples:
         >>> is_int_at_least(3, 1), is_int_at_least(True, 0), is_int_at_least(2.0, 1)
         (True, False, False)
     """
@@ -23,7 +23,7 @@ def member_index(index: object, size: int) -> int:
     Any integer (Python, numpy, a 0-d integer tensor: ``operator.index``), never a bool, a float or a
     string (``int(1.7)`` would quietly pick member 1); anything else is an ``IndexError``.
 
-    Example:
+    Examples:
         >>> member_index(-1, 3), member_index(2, 3)
         (2, 2)
         >>> member_index(1.0, 3)

@@ -14,7 +14,7 @@ def write_csv(path: str | Path, rows: Sequence[Mapping[str, Any]], fields: Seque
 
     ``fields`` defaults to every key of every row, in first-seen order (a row without a field leaves it empty).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> out = write_csv(Path(tempfile.mkdtemp()) / "r.csv", [{"a": 1}, {"a": 2, "b": 3}])
         >>> out.read_text().splitlines()

@@ -5,7 +5,7 @@ torch cannot send a ``torch.Generator`` there (the child dies unpickling its
 shared state). The mixin pickles the generator as its state bytes and rebuilds
 it, so the child continues the exact random stream.
 
-Example:
+Examples:
     >>> import copy
     >>> class Seeded(PicklableGenerator):
     ...     def __init__(self): self.generator = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """A cohort: N member models that are trained together and combined as wholes.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
@@ -247,7 +247,7 @@ class Cohort(nn.Module):
         a changed file; :meth:`load` also checks it against a ``.sha256`` file
         written next to the weights.
 
-        Example:
+        Examples:
             >>> import tempfile, os
             >>> from torch import nn
             >>> a, b = Cohort(lambda: nn.Linear(2, 1), size=2), Cohort(lambda: nn.Linear(2, 1), size=2)

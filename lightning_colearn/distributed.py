@@ -20,7 +20,7 @@ Lightning's strategy, only when they need them:
   moves, blocks), so that no rank can drift from the others;
 * :func:`gather_objects`: the members' optimizer states, for a checkpoint.
 
-Example:
+Examples:
     >>> member_owner(5, world_size=2), owned_members(5, rank=1, world_size=2)
     (1, [1, 3])
     >>> a, b = torch.arange(3.0), torch.tensor([7, 8])

@@ -21,7 +21,7 @@ The chain proves integrity, not authority: whoever can rewrite the file can
 rewrite the whole chain from some block on. Keep (or publish) the head hash
 somewhere else and compare it with :attr:`Ledger.head_hash` to detect that.
 
-Example:
+Examples:
     >>> import os, tempfile, torch
     >>> tmp = tempfile.TemporaryDirectory()
     >>> path = os.path.join(tmp.name, "chain.db")

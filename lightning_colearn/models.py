@@ -17,7 +17,7 @@ per sample and the shape it got. The check compares shapes only (no
 device sync) and sees each member's own shape under the stacked backend
 (members folded into the batch, or ``torch.func.vmap``).
 
-Example:
+Examples:
     >>> import torch
     >>> [m()(torch.zeros(2, 1, 28, 28)).shape for m in (LogisticRegression, MLP, ConvNet, ColearnConvNet)]
     [torch.Size([2, 10]), torch.Size([2, 10]), torch.Size([2, 10]), torch.Size([2, 10])]
@@ -408,7 +408,7 @@ def for_data(model: Callable[..., nn.Module], shapes: Mapping[str, Any] | Any, *
     (``in_features``, ``in_channels``, ``image_size``, ``vocab_size``, ``num_classes``); keys the
     model does not take are left out, so one call fits an MLP or a ConvNet to any data.
 
-    Example:
+    Examples:
         >>> factory = for_data(MLP, {"in_features": 64, "in_channels": 1, "image_size": 8, "num_classes": 3}, hidden=16)
         >>> factory().fc1, factory().num_classes
         (Linear(in_features=64, out_features=16, bias=True), 3)

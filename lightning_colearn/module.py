@@ -29,7 +29,7 @@ the evaluation batches over the ranks (torchmetrics syncs the metrics), and a
 checkpoint holds every member's weights and optimizer state, so it resumes
 with any number of processes.
 
-Example:
+Examples:
     >>> import lightning as L
     >>> from functools import partial
     >>> import torch
@@ -901,7 +901,7 @@ def choose_backend(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> str
     cover: this package's LogisticRegression and MLP); no convolution (stacked
     convolutions win on some CPUs and lose on others, see the table above).
 
-    Example:
+    Examples:
         >>> from lightning_colearn.models import MLP
         >>> choose_backend(Cohort(MLP, size=12), partial(torch.optim.SGD, lr=0.1), False)
         'stacked'
@@ -944,7 +944,7 @@ def _check_stackable(cohort: Cohort, optimizer: Any, wraps_lightning: bool) -> N
 def _check_hyperparameters(member: int, groups: list[dict[str, Any]]) -> None:
     """Refuse a NaN or infinite optimizer setting (``lr=nan`` from a sweep): torch takes it and every weight turns NaN.
 
-    Example:
+    Examples:
         >>> _check_hyperparameters(0, [{"lr": 0.1, "betas": (0.9, float("inf"))}])
         Traceback (most recent call last):
         ...

@@ -8,7 +8,7 @@ paper (``mode="mse"`` gives KD_Lib's MSE-on-logits for parity), peers'
 predictions carry no gradient, validation runs in eval mode, and every
 student (not only the best) is checkpointed and exportable.
 
-Example:
+Examples:
     >>> import lightning as L, torch
     >>> from functools import partial
     >>> from lightning_colearn import CohortDataModule
@@ -54,10 +54,12 @@ class MutualLearning(CohortModule):
         temperature: softening temperature T (> 0); the mimicry term is scaled by T^2.
         kl_weight: weight of the mimicry term against the cross-entropy (>= 0).
         mode: ``"kl"`` (the paper) or ``"mse"`` (MSE between logits, KD_Lib's default).
-        num_classes, lr_scheduler, gradient_clip_val, backend, privacy: as :class:`CohortModule` (each student
-            private: its own DP-SGD and accountant; the peers it learns from are seen detached, so the
-            per-sample gradients are its own)
-            (``backend="stacked"`` needs students of one architecture and runs them in one forward).
+        num_classes: as :class:`CohortModule`.
+        lr_scheduler: as :class:`CohortModule`.
+        gradient_clip_val: as :class:`CohortModule`.
+        backend: as :class:`CohortModule` (``"stacked"`` needs students of one architecture and runs them in one forward).
+        privacy: as :class:`CohortModule` (each student private: its own DP-SGD and accountant; the peers it
+            learns from are seen detached, so the per-sample gradients are its own).
 
     Training batches must be shared, ``(x, y)``: every student sees the same
     inputs (``CohortDataModule(stream="shared")``).

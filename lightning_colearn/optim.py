@@ -11,7 +11,7 @@ The module ends with the federated server optimizers :class:`FedAdam`,
 :class:`FedYogi` and :class:`FedAdagrad`, which step a global model on the
 round's pseudo-gradient (see :mod:`lightning_colearn.functional.server`).
 
-Example:
+Examples:
     >>> import torch
     >>> members = [torch.nn.Linear(2, 1) for _ in range(3)]
     >>> opt = CohortOptimizer([torch.optim.SGD(m.parameters(), lr=0.1) for m in members])
@@ -166,7 +166,7 @@ class StackedOptimizer(Optimizer):
     (for lr schedulers and callbacks): ``state_dict``/``load_state_dict`` of
     one member.
 
-    Example:
+    Examples:
         >>> w = torch.nn.Parameter(torch.ones(3, 2))            # 3 members of a 2-vector
         >>> views = [[torch.nn.Parameter(w.data[i], requires_grad=False)] for i in range(3)]
         >>> opt = StackedOptimizer([w], views, torch.optim.SGD, {"lr": 0.5, "momentum": 0.9})
@@ -596,7 +596,7 @@ class FedAdam(_TwoBetaServerOptimizer):
     the state has the parameter's dtype, as in ``torch.optim`` (for a
     float16 model ``tau**2 = 1e-6`` is a float16 subnormal, about 1% off).
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.zeros(2))            # the global model
         >>> server = FedAdam([w], lr=0.1)
@@ -637,7 +637,7 @@ class FedYogi(_TwoBetaServerOptimizer):
     the state has the parameter's dtype, as in ``torch.optim`` (for a
     float16 model ``tau**2 = 1e-6`` is a float16 subnormal, about 1% off).
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.zeros(2))
         >>> server = FedYogi([w], lr=0.1)
@@ -674,7 +674,7 @@ class FedAdagrad(_AdaptiveServerOptimizer):
     the state has the parameter's dtype, as in ``torch.optim`` (for a
     float16 model ``tau**2 = 1e-6`` is a float16 subnormal, about 1% off).
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.zeros(1))
         >>> server = FedAdagrad([w], lr=1.0, beta1=0.0)

@@ -4,7 +4,7 @@ The only module that imports matplotlib, and only inside the functions
 (with the non-interactive Agg backend unless a notebook chose one), so
 importing the package stays fast and works without a display.
 
-Example:
+Examples:
     >>> import tempfile, torch
     >>> from pathlib import Path
     >>> out = Path(tempfile.mkdtemp()) / "grid.png"
@@ -349,7 +349,7 @@ def plot_rounds(history: list[dict], out: str | os.PathLike, title: str | None =
 
 
 def plot_label_distribution(
-    counts,
+    counts: Any,
     out: str | os.PathLike,
     *,
     class_names: Sequence | None = None,
@@ -375,7 +375,7 @@ def plot_label_distribution(
         member_names: one name per member (default: the member indices).
         title: the figure's title (default: ``"label distribution: <M> members, <C> classes"``).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from pathlib import Path
         >>> out = Path(tempfile.mkdtemp()) / "labels.png"

@@ -29,7 +29,7 @@ layers DP-SGD cannot train.
 Opacus is the optional extra ``privacy``: the configurations need only the
 standard library, the helpers import Opacus when called.
 
-Example:
+Examples:
     >>> config = PrivacyConfig.from_any({"noise_multiplier": 1.1, "max_grad_norm": 1.0})
     >>> config.noise_multiplier, config.delta, config.accountant
     (1.1, 1e-05, 'rdp')
@@ -207,7 +207,7 @@ class PrivacyConfig:
     is reported in one ``ValueError``. The config is frozen: derive another
     with ``dataclasses.replace``, which checks again.
 
-    Example:
+    Examples:
         >>> PrivacyConfig(target_epsilon=3.0, epochs=5).noise_multiplier is None
         True
         >>> PrivacyConfig(noise_multiplier=0)
@@ -253,7 +253,7 @@ class PrivacyConfig:
         A mapping is anything ``collections.abc.Mapping`` (a dict, Hydra's
         ``DictConfig``); an unknown key is an error that names it.
 
-        Example:
+        Examples:
             >>> PrivacyConfig.from_any({"noise_multiplier": 1.0, "acountant": "prv"})
             Traceback (most recent call last):
             ...
@@ -268,7 +268,7 @@ class PrivacyConfig:
         training examples); the epochs are ``epochs`` or, when that is None,
         ``max_epochs`` (the Trainer's).
 
-        Example:
+        Examples:
             >>> PrivacyConfig(noise_multiplier=0.8).resolve_noise_multiplier(0.01)
             0.8
         """
@@ -327,7 +327,7 @@ class FederatedPrivacy:
             would take ε past it; needs ``delta``.
         accountant: ``"rdp"``, ``"prv"`` or ``"gdp"``, as for :class:`PrivacyConfig`.
 
-    Example:
+    Examples:
         >>> dp = FederatedPrivacy(noise_multiplier=1.0, adaptive=True)
         >>> dp.count_noise_for(100)            # Andrew et al.'s m / 20
         5.0
@@ -383,7 +383,7 @@ class FederatedPrivacy:
     def from_any(cls, value: Any) -> FederatedPrivacy | None:
         """``value`` as a config: ``None`` (no DP), a :class:`FederatedPrivacy`, or a mapping of its fields.
 
-        Example:
+        Examples:
             >>> FederatedPrivacy.from_any({"noise_multiplier": 1.0, "clip": 0.5})
             Traceback (most recent call last):
             ...
@@ -406,7 +406,7 @@ class FederatedPrivacy:
         noisy quantile estimate: adaptive clipping is made for rounds of many
         clients; with a handful, a fixed ``clip_norm`` is the better choice.
 
-        Example:
+        Examples:
             >>> FederatedPrivacy(noise_multiplier=1.0).count_noise_for(10)    # 10 / 20 < 5 * 1.0
             5.0
         """
@@ -426,7 +426,7 @@ class FederatedPrivacy:
         of ``noise_multiplier`` between the updates and the count (whose noise is
         :meth:`count_noise_for`). Feed the accountant ``noise_multiplier`` either way.
 
-        Example:
+        Examples:
             >>> FederatedPrivacy(noise_multiplier=1.2).update_noise_for(8)
             1.2
         """
@@ -458,7 +458,7 @@ def _checked(name: str, test: bool, allowed: str, value: object) -> None:
 def make_accountant(name: str) -> IAccountant:
     """A new Opacus accountant: ``"rdp"`` (``RDPAccountant``), ``"prv"`` (``PRVAccountant``), ``"gdp"`` (``GaussianAccountant``).
 
-    Example:
+    Examples:
         >>> type(make_accountant("prv")).__name__
         'PRVAccountant'
     """
@@ -471,7 +471,7 @@ def make_accountant(name: str) -> IAccountant:
 def epsilon(accountant: IAccountant, delta: float) -> float:
     """The ε ``accountant`` has spent so far at ``delta``; 0.0 before its first step.
 
-    Example:
+    Examples:
         >>> accountant = make_accountant("rdp")
         >>> epsilon(accountant, 1e-5)
         0.0
@@ -497,7 +497,7 @@ def epsilon_after(accountant: IAccountant, delta: float, *, noise_multiplier: fl
     accountant only composes one constant ``(noise_multiplier,
     sample_rate)``; another one is a ``ValueError``.
 
-    Example:
+    Examples:
         >>> accountant = make_accountant("rdp")
         >>> after = epsilon_after(accountant, 1e-5, noise_multiplier=1.0, sample_rate=0.1, steps=10)
         >>> accountant.history, after > 0
@@ -533,7 +533,7 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, ep
     shorter members cycle). The ε it reaches is within ``epsilon_tolerance``
     below the target.
 
-    Example:
+    Examples:
         >>> sigma = noise_for_target(3.0, 1e-5, 0.01, 2)
         >>> accountant = make_accountant("rdp")
         >>> 3.0 - 0.01 <= epsilon_after(accountant, 1e-5, noise_multiplier=sigma, sample_rate=0.01, steps=200) <= 3.0
@@ -646,7 +646,7 @@ def check_model(model: nn.Module, fix: bool) -> nn.Module:
     statistics to inherit), so fix a model before training it and before
     building its optimizer: the copy has new parameters.
 
-    Example:
+    Examples:
         >>> from torch import nn
         >>> mlp = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
         >>> check_model(mlp, fix=False) is mlp

@@ -22,7 +22,7 @@ samples in a way folding cannot reproduce.
 Only a subset of members can run (``index``): the others cost nothing
 (their rows are gathered, not masked; see ``bench/vectorised.py``).
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> members = [nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)) for _ in range(5)]
@@ -165,7 +165,7 @@ def _batched_layer(module: nn.Module) -> type[_StackedLayer] | None:
 def batched_layers(model: nn.Module) -> dict[str, type[_StackedLayer]] | None:
     """``{path: stacked layer}`` for every submodule of ``model`` that holds tensors, or None if one has no batched form.
 
-    Example:
+    Examples:
         >>> from lightning_colearn.models import ConvNet
         >>> sorted(batched_layers(ConvNet()))
         ['conv1', 'conv2', 'fc']
@@ -281,7 +281,7 @@ class StackedModel(nn.Module):
         """How many members one batched pass runs on ``batch`` samples each: all of them unless their largest
         activation would exceed :data:`LARGEST_ACTIVATION` bytes (known after the first forward).
 
-        Example:
+        Examples:
             >>> from lightning_colearn.models import ColearnConvNet
             >>> engine = StackedModel([ColearnConvNet() for _ in range(12)])
             >>> _ = engine(torch.randn(2, 1, 28, 28))            # the first forward measures the activations

@@ -13,7 +13,7 @@ its CSVs and PNGs into ``out`` and names the figures; :func:`publish` calls it
 with the run's directory and sends the figures on, at the end of fitting and,
 with :class:`~lightning_colearn.callbacks.LivePlots`, every few epochs.
 
-Example:
+Examples:
     >>> import tempfile, lightning as L
     >>> from pathlib import Path
     >>> from lightning.pytorch.loggers import CSVLogger

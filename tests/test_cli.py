@@ -18,10 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 import lightning_colearn.conf
 from lightning_colearn.cli import _USER_ERRORS, ConfigError, train
@@ -77,24 +75,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def make_cfg(tmp_path, monkeypatch):
-    """``make_cfg(*overrides, out=dir)``: the real config composed as ``colearn`` would, output in ``out``."""
-    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
-    GlobalHydra.instance().clear()
-
-    def _make(*overrides: str, out: Path | None = None) -> DictConfig:
-        out = out or tmp_path / "out"
-        with initialize_config_module(config_module="lightning_colearn.conf", version_base="1.3"):
-            return compose(
-                config_name="config",
-                overrides=[f"paths.output_dir={out}", "trainer.enable_progress_bar=false", *overrides],
-            )
-
-    yield _make
-    GlobalHydra.instance().clear()
 
 
 # ------------------------------------------------------------------ every config file on disk

@@ -23,8 +23,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from helpers import fast_trainer, same_state, states
-from lightning_colearn import (CohortDataModule, CohortModule, CollectiveVoting, FederatedAveraging, MutualLearning,
-                               ParticleSwarm, PopulationBasedTraining, ProofOfLearning)
+from lightning_colearn import (SCAFFOLD, CohortDataModule, CohortModule, CollectiveVoting, FederatedAveraging,
+                               MutualLearning, ParticleSwarm, PopulationBasedTraining, ProofOfLearning)
 from lightning_colearn.callbacks import EpochCheckpoint
 from lightning_colearn.data.loaders import StepLoader
 from lightning_colearn.ledger import Ledger
@@ -49,6 +49,14 @@ def _callbacks(algorithm: str, tmp) -> list:
         "voting": [CollectiveVoting(seed=1)],
         "fedavg": [FederatedAveraging(clients_per_round=2, local_epochs=2, seed=1)],  # rounds span 2 epochs
         "fedadam": [FederatedAveraging(clients_per_round=3, server_optimizer="fedadam", seed=1)],
+        # the strategies: each keeps its own state across a round (control variates, client losses, step counts)
+        "scaffold": [SCAFFOLD(clients_per_round=2, local_epochs=2, seed=1)],
+        "fedprox": [FederatedAveraging(clients_per_round=3, mu=0.1, seed=1)],
+        "qfedavg": [FederatedAveraging(clients_per_round=3, aggregator="qfedavg", q=1.0, seed=1)],
+        "fednova": [FederatedAveraging(clients_per_round=3, aggregator="fednova", max_local_steps=[1, 3], seed=1)],
+        "median": [FederatedAveraging(clients_per_round=3, aggregator="median", seed=1)],
+        "personal": [FederatedAveraging(clients_per_round=3, personal=["fc2.*"], seed=1)],
+        "failing": [FederatedAveraging(clients_per_round=4, dropout=0.3, seed=1)],
         "pofl": [ProofOfLearning(miners=2, clients_per_round=4, local_epochs=1, threshold=0.0,
                                  ledger=str(tmp / "ledger.db"), seed=1)],
         "pbt": [PopulationBasedTraining({"lr": {"type": "loguniform", "low": 1e-3, "high": 1e-1}}, interval=1,
@@ -116,7 +124,8 @@ def _fit(algorithm, backend, tmp, ckpt_path=None, every_step=False):
     return module, callbacks, trainer
 
 
-CASES = [(a, b) for a in ("independent", "swarm", "mutual", "voting", "fedavg", "fedadam", "pofl", "pbt")
+CASES = [(a, b) for a in ("independent", "swarm", "mutual", "voting", "fedavg", "fedadam", "pofl", "pbt", "scaffold",
+                          "fedprox", "qfedavg", "fednova", "median", "personal", "failing")
          for b in ("loop", "stacked")]
 
 

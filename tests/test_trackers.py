@@ -17,9 +17,6 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from lightning_colearn import trackers
@@ -28,6 +25,7 @@ from lightning_colearn.cli import ConfigError, train
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # (make_cfg: tests/conftest.py)
 
 FEW = ["trainer=debug", "trainer.max_epochs=2", "++trainer.limit_train_batches=4", "trainer.enable_progress_bar=true",
        "trainer.log_every_n_steps=1",
@@ -44,27 +42,6 @@ ALGORITHMS = {
     "pofl": (["algorithm.threshold=0.0"], "pofl/blocks", "pofl_rounds", "block="),
     "pbt": (["cohort.size=4"], "pbt/exploits", "pbt", "pbt=decision 1: "),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def make_cfg(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # nothing may land in the working directory
-    GlobalHydra.instance().clear()
-
-    def _make(*overrides: str):
-        with initialize_config_module(config_module="lightning_colearn.conf", version_base="1.3"):
-            return compose(config_name="config", overrides=[f"paths.output_dir={tmp_path / 'out'}", *overrides])
-
-    yield _make
-    GlobalHydra.instance().clear()
 
 
 def tensorboard_run(log_dir: Path):

@@ -18,8 +18,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from hydra.core.global_hydra import GlobalHydra
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 from helpers import fast_trainer
@@ -127,19 +125,6 @@ def test_every_algorithm_runs_on_non_mnist_data_from_python(name, algorithm, tmp
 
 
 # -------------------------------------------------------------------------------------- CLI
-@pytest.fixture
-def make_cfg(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    GlobalHydra.instance().clear()
-
-    def _make(*overrides: str):
-        with initialize_config_module(config_module="lightning_colearn.conf", version_base="1.3"):
-            return compose(config_name="config", overrides=[f"paths.output_dir={tmp_path / 'out'}", *overrides])
-
-    yield _make
-    GlobalHydra.instance().clear()
-
-
 def _data_overrides(name: str, fashion_root: Path | None, size: int = 96) -> list[str]:
     if name == "digits":  # conf/data/digits.yaml: scikit-learn's bundled set through the package's factory
         return ["data=digits", "model=mlp", "+data.max_train_samples=240"]

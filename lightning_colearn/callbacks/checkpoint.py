@@ -17,7 +17,7 @@ Lightning resumes a checkpoint taken after an epoch's last batch as a finished
 epoch, without running that epoch's end (a plain ``ModelCheckpoint`` whose
 ``every_n_train_steps`` hits an epoch's last batch loses it that way).
 
-Example:
+Examples:
     >>> import tempfile
     >>> EpochCheckpoint(tempfile.mkdtemp()).save_last
     True

@@ -70,10 +70,12 @@ STRATEGIES = (*AGGREGATORS, "qfedavg", "fednova")
 class FederatedAveraging(ClientRounds):
     """Federated averaging (or another strategy) between the clients (members) of a :class:`CohortModule`.
 
+    The round arguments (``clients_per_round``, ``local_epochs``, ``max_rounds``, ``target``,
+    ``stop_at_target``, ``criterion``, ``maximize``, ``eval_dataloader``, ``eval_batches``,
+    ``reset_client_optimizer``, ``dropout``, ``min_completion``, ``seed``) are those of
+    :class:`~lightning_colearn.callbacks.rounds.ClientRounds`.
+
     Args:
-        clients_per_round, local_epochs, max_rounds, target, stop_at_target, criterion, maximize,
-            eval_dataloader, eval_batches, reset_client_optimizer, dropout, min_completion, seed:
-            see :class:`~lightning_colearn.callbacks.rounds.ClientRounds`.
         aggregator: one of :data:`STRATEGIES`: ``fedavg``, ``median``, ``trimmed_mean``, ``krum``,
             ``multi_krum``, ``bulyan``, ``qfedavg``, ``fednova`` (each client's update normalized by its
             local steps, Wang et al. 2020: for clients doing unequal work, e.g. ``max_local_steps=(2, 30)``;

@@ -75,10 +75,12 @@ _FEDERATED_ONLY = {
 class ProofOfLearning(ClientRounds):
     """Proof of federated learning between miners that aggregate the clients (members) of a :class:`CohortModule`.
 
+    The round arguments (``clients_per_round``, ``local_epochs``, ``max_rounds``, ``target``,
+    ``stop_at_target``, ``criterion``, ``maximize``, ``eval_dataloader``, ``eval_batches``,
+    ``reset_client_optimizer``, ``seed``) are those of :class:`ClientRounds`.
+
     Args:
         miners: number of miners (>= 1).
-        clients_per_round, local_epochs, max_rounds, target, stop_at_target, criterion, maximize,
-            eval_dataloader, eval_batches, reset_client_optimizer, seed: see :class:`ClientRounds`.
         threshold: a candidate must score at least this (at most, for a minimised criterion) to become a block.
         ledger: path of the SQLite ledger (created or continued), a :class:`Ledger`, or ``None`` (in memory).
         assignment: miner of each client (default: ``client % miners``).

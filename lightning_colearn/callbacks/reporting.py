@@ -6,7 +6,7 @@ a vote's outcome, a federated round's score, a PoFL block, a PBT decision), and
 ``write_artifacts(trainer, pl_module, out) -> {name: png}`` for the figures
 (see :mod:`lightning_colearn.trackers`).
 
-Example:
+Examples:
     >>> import lightning as L
     >>> from lightning_colearn.callbacks import CohortProgressBar, LivePlots
     >>> trainer = L.Trainer(callbacks=[CohortProgressBar(), LivePlots(every_n_epochs=2)], logger=False)

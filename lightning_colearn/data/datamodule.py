@@ -27,7 +27,7 @@ Training batches come in one of two streams, both reproducible from
 * ``stream="shared"``: one loader over the union of the members' train
   splits; a batch is ``(x, y)`` and every member sees it.
 
-Example:
+Examples:
     >>> dm = CohortDataModule("mnist_small", num_members=4, partition="pathological", labels_per_member=2)
     >>> dm.setup("fit")
     >>> [len(dm.member_split(i, "train")) for i in range(4)]
@@ -84,7 +84,8 @@ class CohortDataModule(L.LightningDataModule):
         batch_size: training batch size per member.
         eval_batch_size: batch size of vote / validation / test loaders (default: ``batch_size``).
         stream: ``per_member`` (each member its own batches) or ``shared`` (one batch for all).
-        root, download: where the preset data sets live, and whether torchvision may download them.
+        root: where the preset data sets live.
+        download: whether torchvision may download them.
         max_train_samples: use only ``n`` samples of the training pool (a seeded choice).
         num_workers: DataLoader worker processes (each computes whole steps; results do not depend on it).
         seed: seeds the hold-out, the partition, the splits, the shuffling and the transforms' randomness.
@@ -103,9 +104,11 @@ class CohortDataModule(L.LightningDataModule):
         sizes: member sizes (``sizes``, ``inner_dirichlet``): sample counts, or fractions summing to 1.
         groups: one group id per training sample (``natural``; e.g. writer or user): an array, a
             column or attribute name, or a callable ``sample -> group``.
-        train_transform, eval_transform: applied to each input sample in training / in every other loader.
-        train_batch_transform, eval_batch_transform: applied to each batch's inputs after collation
-            (in the loader, so votes and the server's evaluation see what Lightning's loops see).
+        train_transform: applied to each input sample in training.
+        eval_transform: applied to each input sample in every other loader.
+        train_batch_transform: applied to each training batch's inputs after collation (in the loader).
+        eval_batch_transform: the same for every other loader (so votes and the server's evaluation see what
+            Lightning's loops see).
         collate_fn: collates a list of ``(x, y)`` samples into a batch (e.g. padding sequences); tensor data
             then gives up its one-gather batches.
         sampling: ``shuffle`` (each member's training split reshuffled per epoch, fixed batch sizes) or
@@ -190,7 +193,7 @@ class CohortDataModule(L.LightningDataModule):
 
         ``test=(x_test, y_test)`` gives the shared evaluation set (else ``test_fraction`` is held out).
 
-        Example:
+        Examples:
             >>> dm = CohortDataModule.from_tensors(torch.randn(100, 5), torch.arange(100) % 3, num_members=2, batch_size=8)
             >>> dm.setup("fit"); dm.shapes(), dm.member_sizes("train")
             ({'in_features': 5, 'num_classes': 3}, [36, 36])

@@ -5,7 +5,7 @@ images ``[N, 28, 28]`` and int64 labels. :class:`ImageDataset` serves them as
 normalised float tensors and fetches whole batches at once (``__getitems__``),
 so a DataLoader does one indexing op per batch instead of one per sample.
 
-Example:
+Examples:
     >>> train, test = load_dataset("mnist_small")
     >>> train.images.shape, test.images.shape, train.labels.dtype
     (torch.Size([4000, 28, 28]), torch.Size([1000, 28, 28]), torch.int64)
@@ -127,7 +127,7 @@ def preset(name: str, root: str | os.PathLike | None = None, download: bool = Fa
     The presets are definitions on the path every data set takes: tensor sources
     with the data set's own test split as the shared evaluation set.
 
-    Example:
+    Examples:
         >>> train, test = preset("mnist_small")
         >>> train.inputs.shape, test.task, train.classes[:3]
         (torch.Size([4000, 1, 28, 28]), 'classification', [0, 1, 2])
@@ -242,7 +242,7 @@ def sklearn_dataset(name: str = "digits", **kwargs) -> torch.utils.data.TensorDa
     They ship inside scikit-learn, so they work offline; ``kwargs`` go to the loader.
     Needs scikit-learn (the ``sklearn`` extra).
 
-    Example:
+    Examples:
         >>> x, y = sklearn_dataset("digits").tensors
         >>> x.shape, x.dtype, y[:5].tolist()
         (torch.Size([1797, 64]), torch.float32, [0, 1, 2, 3, 4])

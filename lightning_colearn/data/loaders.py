@@ -19,7 +19,7 @@ per-member training stream (``{member: (x, y)}``), or one split's batch.
   seeded from ``(seed, epoch, step)``, so random augmentation is the same in
   every run, with any number of workers, and after a resume.
 
-Example:
+Examples:
     >>> import torch
     >>> from lightning_colearn.data.sources import TensorSource
     >>> source = TensorSource(torch.arange(10.0).unsqueeze(1), torch.arange(10))

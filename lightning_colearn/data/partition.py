@@ -39,7 +39,7 @@ Label schemes (``labels`` must hold every sample's class; any hashable labels, s
 Each member's share is then split into train / vote / test parts (:func:`split_member`): "vote" is the
 member's own held-out data that later judges proposals.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> labels = np.repeat(np.arange(10), 20)          # sorted by label
     >>> parts = partition(labels, 4, "iid", seed=0)
@@ -125,7 +125,7 @@ def partition(
     ``sum(sizes)``; ``pathological`` uses every sample of every class some member holds.
     Every bad argument is a ``ValueError`` naming it, the value seen and what is allowed.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> labels = np.repeat(["cat", "dog", "emu"], 4)
         >>> [labels[p].tolist() for p in partition(labels, 3, "pathological", labels_per_member=1, seed=0)]
@@ -191,7 +191,7 @@ def encode_labels(labels: np.ndarray | Sequence) -> tuple[np.ndarray, list]:
     classes are sorted (by value, or by type name and ``repr`` when they cannot be compared), so the
     codes do not depend on the order the samples come in. Small-range integers take an O(N) path.
 
-    Example:
+    Examples:
         >>> codes, classes = encode_labels(["dog", "cat", "dog", "emu"])
         >>> codes.tolist(), classes
         ([1, 0, 1, 2], ['cat', 'dog', 'emu'])
@@ -279,7 +279,7 @@ def assign(owner: np.ndarray, num_members: int) -> list[np.ndarray]:
     Returns one sorted ``int64`` array of sample indices per member (empty for a member that owns
     nothing), from one stable argsort (a radix sort for up to 65,534 members) and one bincount.
 
-    Example:
+    Examples:
         >>> [p.tolist() for p in assign(np.array([1, 0, -1, 1, 2]), 4)]
         [[1], [0, 3], [4], []]
     """
@@ -397,7 +397,7 @@ def _check_alpha(alpha, scheme: str) -> None:
 def _iid(total: int, n: int, rng: np.random.Generator) -> np.ndarray:
     """``iid``: one seeded permutation cut into ``np.array_split`` shares; every sample used, sizes differ by <= 1.
 
-    Example:
+    Examples:
         >>> [len(p) for p in partition(10, 3, "iid")]
         [4, 3, 3]
     """
@@ -417,7 +417,7 @@ def _dirichlet(
     leaving a member below ``min_size`` is redrawn, up to 100 times. ``self_balancing`` (flwr-datasets'
     DirichletPartitioner) zeroes the shares of members already holding more than ``N / n`` samples.
 
-    Example:
+    Examples:
         >>> labels = np.repeat(np.arange(3), 10)
         >>> parts = partition(labels, 2, "dirichlet", alpha=100.0)
         >>> sum(len(p) for p in parts), [len(set(labels[p].tolist())) for p in parts]
@@ -459,7 +459,7 @@ def _shards(codes: np.ndarray, num_classes: int, n: int, per_member: int, rng: n
     one sample, so member sizes differ by at most ``per_member``. Within a class the order is random, so
     which samples of a class land in a shard depends on the seed too.
 
-    Example:
+    Examples:
         >>> labels = np.repeat(np.arange(4), 10)            # 8 shards of 5 samples, each within one class
         >>> [sorted(set(labels[p].tolist())) for p in partition(labels, 4, "shards", shards_per_member=2)]
         [[2, 3], [1, 3], [0, 1], [0, 2]]
@@ -487,7 +487,7 @@ def _pathological(codes: np.ndarray, num_classes: int, n: int, k: int, rng: np.r
     cut into ``h`` nearly equal chunks (``np.array_split``), dealt to its holders in member order.
     Classes nobody holds (when ``n * k < C``) are unused.
 
-    Example:
+    Examples:
         >>> labels = np.repeat(np.arange(4), 6)
         >>> [sorted(set(labels[p].tolist())) for p in partition(labels, 2, "pathological", labels_per_member=2)]
         [[0, 2], [1, 3]]
@@ -517,7 +517,7 @@ def _size_skew(total: int, n: int, scheme: str, min_size: int, rng: np.random.Ge
     are a seeded permutation cut at those sizes, so each member's data is IID. The exponential weights
     are ``exp(i - (n - 1))``: the same ratios, no overflow for thousands of members.
 
-    Example:
+    Examples:
         >>> [len(p) for p in partition(100, 4, "square")], [len(p) for p in partition(100, 4, "exponential")]
         ([4, 14, 30, 52], [4, 9, 24, 63])
     """
@@ -539,7 +539,7 @@ def _inner_dirichlet(
     renormalised over them). Every round closes at least one class, so this ends within ``C`` rounds.
     Member sizes are exactly ``sizes``; within a class the samples are dealt in a seeded random order.
 
-    Example:
+    Examples:
         >>> labels = np.repeat(np.arange(3), [10, 5, 5])
         >>> [len(p) for p in partition(labels, 4, "inner_dirichlet", sizes=[8, 6, 4, 2], alpha=0.3)]
         [8, 6, 4, 2]
@@ -589,7 +589,7 @@ def _natural(groups, total: int, n: int, rng: np.random.Generator) -> np.ndarray
     The group order is shuffled (seeded), then cut into ``n`` nearly equal runs of groups. Every sample
     is used and all samples of one group go to one member. Needs at least ``n`` groups.
 
-    Example:
+    Examples:
         >>> writers = ["ann", "bob", "ann", "cy", "dee", "bob"]
         >>> [p.tolist() for p in partition(6, 2, "natural", groups=writers, min_size=0)]
         [[0, 2, 3], [1, 4, 5]]
@@ -617,7 +617,7 @@ def split_member(
     Sizes are rounded by largest remainder; every non-zero fraction gets at
     least one sample when the member has enough.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> [len(p) for p in split_member(np.arange(10), (0.8, 0.1, 0.1))]
         [8, 1, 1]

@@ -28,7 +28,7 @@ float columns ``[B, k]`` (``k = 1`` for one value per sample: the shape a model 
 like instead of broadcasting ``[B, 1]`` against ``[B]``); they cannot drive a
 label-based partition.
 
-Example:
+Examples:
     >>> import torch
     >>> source = as_source((torch.randn(6, 3), ["cat", "dog", "cat", "eel", "dog", "cat"]))
     >>> source.task, source.classes, source.labels.tolist()
@@ -237,7 +237,7 @@ def to_memory(source: Source, num_workers: int = 0) -> TensorSource:
     data set: give that to ``train_transform``, which then runs per batch row): training then
     gathers batches as tensor data does, instead of reading samples every step.
 
-    Example:
+    Examples:
         >>> from torch.utils.data import TensorDataset
         >>> plain = as_source(torch.utils.data.Subset(TensorDataset(torch.randn(5, 2), torch.arange(5)), [4, 0]))
         >>> memory = to_memory(plain)
@@ -337,7 +337,7 @@ def find_labels(data: Any, labels: Any = None, *, num_workers: int = 0) -> tuple
     as torchvision serves them), a Hugging Face ``label``/``labels`` column, the
     parents of a ``Subset`` or ``ConcatDataset``, else the second item of every sample.
 
-    Example:
+    Examples:
         >>> from torch.utils.data import Subset, TensorDataset
         >>> base = TensorDataset(torch.zeros(4, 2), torch.tensor([3, 1, 2, 0]))
         >>> base.targets = base.tensors[1]
@@ -380,7 +380,7 @@ def resolve_targets(
 ) -> tuple[Tensor, list | None, str]:
     """``(targets, classes, task)`` from raw labels: class indices for classification, floats for regression.
 
-    Example:
+    Examples:
         >>> targets, classes, task = resolve_targets(["b", "a", "b"], 3)
         >>> targets.tolist(), classes, task
         ([1, 0, 1], ['a', 'b'], 'classification')

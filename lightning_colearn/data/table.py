@@ -1,6 +1,6 @@
 """What a partition gave each member: samples per split and per class, as numbers, text and one summary line.
 
-Example:
+Examples:
     >>> import numpy as np
     >>> table = PartitionTable({"train": np.array([[3, 0], [1, 2]]), "vote": np.array([[1, 0], [0, 1]])}, ["cat", "dog"])
     >>> table.sizes("train").tolist(), table.classes_per_member("train").tolist()

@@ -36,7 +36,7 @@ Conventions shared by every aggregator:
   score so it is never selected. FedAvg and q-FedAvg have no such defence:
   one such client ruins their result.
 
-Example:
+Examples:
     >>> import torch
     >>> honest = [[torch.tensor(v)] for v in ([0.0, 0.0], [1.0, 1.0], [2.0, 4.0], [3.0, 3.0])]
     >>> fedavg(honest, weights=[1, 1, 1, 5])   # weights: e.g. sample counts
@@ -208,7 +208,7 @@ def fedavg(updates: Sequence[Sequence[Tensor]], weights: Sequence[float] | Tenso
     Not robust: a single client with NaN, Inf or huge values ruins the result
     (use :func:`coordinate_median`, :func:`trimmed_mean` or :func:`krum`).
 
-    Example:
+    Examples:
         >>> import torch
         >>> fedavg([[torch.tensor([0.0])], [torch.tensor([4.0])]], weights=[30, 10])
         [tensor([1.])]
@@ -239,7 +239,7 @@ def coordinate_median(updates: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     values. NaN counts as ``+inf``, so fewer than half the clients sending
     NaN, Inf or huge values cannot move a coordinate beyond the honest range.
 
-    Example:
+    Examples:
         >>> import torch
         >>> coordinate_median([[torch.tensor([1.0, 9.0])], [torch.tensor([2.0, 8.0])], [torch.tensor([1e30, 7.0])]])
         [tensor([2., 8.])]
@@ -269,7 +269,7 @@ def trimmed_mean(updates: Sequence[Sequence[Tensor]], trim_ratio: float = 0.1) -
         trim_ratio: fraction dropped at each end, ``0 <= trim_ratio < 0.5``;
             0 is the plain mean.
 
-    Example:
+    Examples:
         >>> import torch
         >>> updates = [[torch.tensor([v])] for v in (1.0, 2.0, 3.0, 10.0, -50.0)]
         >>> trimmed_mean(updates, trim_ratio=0.2)
@@ -370,7 +370,7 @@ def krum(
     Returns:
         The mean of the selected updates and their client indices, best score first.
 
-    Example:
+    Examples:
         >>> import torch
         >>> updates = [[torch.tensor([v])] for v in (1.0, 1.1, 0.9, 1.05, 100.0)]
         >>> krum(updates, num_byzantine=1)   # 1.05 has the closest two neighbours
@@ -451,7 +451,7 @@ def bulyan(
     Returns:
         The aggregate and the client indices of the ``theta`` selected updates, in selection order.
 
-    Example:
+    Examples:
         >>> import torch
         >>> updates = [[torch.tensor([v, -v])] for v in (1.0, 1.1, 0.9, 1.05, 0.95, 1.3, 1e6)]
         >>> result, selected = bulyan(updates, num_byzantine=1)
@@ -541,7 +541,7 @@ def aggregate(
     ``weights``; it needs ``weights`` for those two methods and changes
     nothing for the others (a single Krum update has nothing to weigh).
 
-    Example:
+    Examples:
         >>> import torch
         >>> updates = [[torch.tensor([v])] for v in (1.0, 2.0, 3.0, 1e30, 2.5)]
         >>> aggregate(updates, "median")
@@ -654,7 +654,7 @@ def qfedavg(
         weights: ``p_k``, one non-negative weight per client (a client of
             weight 0 is left out entirely), or None for uniform.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = [torch.tensor([0.0, 0.0])]
         >>> ys = [[torch.tensor([1.0, 0.0])], [torch.tensor([0.0, 1.0])]]
@@ -737,7 +737,7 @@ def fedprox_term(params: Sequence[Tensor], global_params: Sequence[Tensor], mu: 
         global_params: the global tensors of this round, in the same order.
         mu: the proximal coefficient, ``mu >= 0``; 0 gives plain FedAvg.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.tensor([1.0, 2.0], requires_grad=True)
         >>> term = fedprox_term([w], [torch.tensor([0.0, 0.0])], mu=0.1)
@@ -773,7 +773,7 @@ def local_step_norm(steps: int, momentum: float = 0.0) -> float:
     Plain SGD: ``steps``. With momentum ``rho``: ``(steps - rho * (1 - rho^steps) / (1 - rho)) / (1 - rho)``,
     how far ``steps`` momentum steps move compared with one plain step of the same gradient.
 
-    Example:
+    Examples:
         >>> local_step_norm(5), round(local_step_norm(2, momentum=0.5), 6)
         (5.0, 2.5)
     """
@@ -810,7 +810,7 @@ def fednova(
     With equal ``steps`` this is :func:`fedavg` (up to rounding). Float64 arithmetic, cast back;
     non-floating tensors come from the first update.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x = [torch.tensor([0.0])]
         >>> ys = [[torch.tensor([1.0])], [torch.tensor([4.0])]]     # client 1 took 4 steps, client 0 one

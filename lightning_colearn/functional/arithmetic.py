@@ -10,7 +10,7 @@ tensor of every affected member, with no autograd history and no new modules
 (the "models are vectors" view of Nytorch's ``ParticleModule``, done without
 state-dict round trips).
 
-Example:
+Examples:
     >>> import torch
     >>> a, b = [torch.tensor([1.0, 2.0])], [torch.tensor([3.0, 6.0])]
     >>> weighted_average([a, b], torch.tensor([1.0, 3.0]))
@@ -48,7 +48,7 @@ def check_same_structure(states: Mapping[int, Mapping[str, Tensor]]) -> None:
     ``states`` maps a member index to that member's named tensors; the error
     names the two members and the first tensor where they differ.
 
-    Example:
+    Examples:
         >>> import torch
         >>> check_same_structure({0: {"w": torch.zeros(2)}, 1: {"w": torch.zeros(3)}})
         Traceback (most recent call last):
@@ -104,7 +104,7 @@ def weighted_sum(states: Sequence[Sequence[Tensor]], weights: Tensor | Sequence[
     ``num_batches_tracked``) cannot be scaled: they are taken from the first
     state.
 
-    Example:
+    Examples:
         >>> import torch
         >>> weighted_sum([[torch.tensor([1.0])], [torch.tensor([2.0])]], [2.0, -1.0])
         [tensor([0.])]
@@ -138,7 +138,7 @@ def weighted_average(
     This is FedAvg's aggregation when ``weights`` are the members' sample
     counts (McMahan et al., 2017).
 
-    Example:
+    Examples:
         >>> import torch
         >>> weighted_average([[torch.tensor([0.0])], [torch.tensor([4.0])]], [3, 1])
         [tensor([1.])]
@@ -198,7 +198,7 @@ def is_finite(tensors: Sequence[Tensor]) -> bool:
 def first_non_finite(state: Mapping[str, Tensor]) -> str | None:
     """The name of the first floating (or complex) tensor of ``state`` holding NaN or Inf, or None.
 
-    Example:
+    Examples:
         >>> first_non_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")]), "n": torch.tensor([3])})
         'b'
     """

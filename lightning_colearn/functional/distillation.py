@@ -15,7 +15,7 @@ total minus the student's own term, so the cost is O(n), not O(n^2).
 student's logits and each (detached) peer's, for parity with KD_Lib's DML
 default (``loss_fn=MSELoss``).
 
-Example:
+Examples:
     >>> import torch
     >>> z = [torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 2.0]])]   # CE 0.1269 and 2.1269, KL 1.5232 both ways
     >>> [round(float(v), 4) for v in mutual_learning_losses(z, torch.tensor([0]))]

@@ -19,7 +19,7 @@ Choices (Ray Tune's ``PopulationBasedTraining`` makes the same ones unless said)
   (Ray Tune users ask for both). Every explored value takes exactly two draws
   from the generator, so the random stream does not depend on the values.
 
-Example:
+Examples:
     >>> g = torch.Generator().manual_seed(0)
     >>> space = parse_space({"lr": {"type": "loguniform", "low": 1e-4, "high": 1e-1}, "layers": [1, 2, 4]})
     >>> space["lr"], space["layers"]
@@ -103,7 +103,7 @@ def parse_space(space: Mapping[str, Any]) -> dict[str, Distribution]:
     :class:`Choice`, a mapping ``{"type": "uniform" | "loguniform" | "int" | "choice", "low": ..,
     "high": ..}`` (``"values": [...]`` for ``choice``), or a list (a choice).
 
-    Example:
+    Examples:
         >>> parse_space({"momentum": {"type": "uniform", "low": 0.5, "high": 0.99}, "n": {"type": "int", "low": 1, "high": 8}})
         {'momentum': Uniform(low=0.5, high=0.99), 'n': IntUniform(low=1, high=8)}
         >>> parse_space({"lr": {"type": "loguniform", "low": 0.0, "high": 1.0}})
@@ -161,7 +161,7 @@ def _uniform(generator: torch.Generator) -> float:
 def sample(space: Mapping[str, Distribution], generator: torch.Generator) -> dict[str, Any]:
     """One value per hyperparameter, drawn from its distribution (one draw each, in the space's order).
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> values = sample({"lr": LogUniform(1e-3, 1e-1), "opt": Choice(("sgd", "adam"))}, g)
         >>> 1e-3 <= values["lr"] <= 1e-1, values["opt"] in ("sgd", "adam")
@@ -173,7 +173,7 @@ def sample(space: Mapping[str, Distribution], generator: torch.Generator) -> dic
 def quantile_size(n: int, fraction: float) -> int:
     """Members in the top (and in the bottom) quantile: ``ceil(n * fraction)``, at most ``n // 2``.
 
-    Example:
+    Examples:
         >>> quantile_size(16, 0.25), quantile_size(3, 0.5), quantile_size(1, 0.25)
         (4, 1, 0)
     """
@@ -184,7 +184,7 @@ def ranking(scores: Sequence[float] | Tensor, maximize: bool, members: Sequence[
     """Positions of ``scores``, best first: a NaN score ranks last, ties rank by member index (``members[k]``,
     default ``k``), so the order never depends on anything but the scores.
 
-    Example:
+    Examples:
         >>> ranking([0.2, float("nan"), 0.9, 0.9], maximize=True)
         [2, 3, 0, 1]
     """
@@ -211,7 +211,7 @@ def exploit_plan(scores: Tensor, fraction: float, maximize: bool, generator: tor
 
     A NaN score ranks last; ties rank by member index.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(0)
         >>> plan = exploit_plan(torch.tensor([0.3, float("nan"), 0.1, 0.2]), 0.5, maximize=False, generator=g)
         >>> list(plan), all(src in (2, 3) for src in plan.values())   # lower is better: NaN, then 0.3, copy 0.1 or 0.2
@@ -238,7 +238,7 @@ def explore(values: Mapping[str, Any], space: Mapping[str, Distribution], genera
     value moves one step left or right in its choices (staying at an end when it
     would leave them). Two draws per hyperparameter, whatever happens.
 
-    Example:
+    Examples:
         >>> g = torch.Generator().manual_seed(1)
         >>> explore({"lr": 0.095}, {"lr": Uniform(0.0, 0.1)}, g, resample_probability=0.0, perturbation_factors=(1.2,))
         {'lr': 0.1}

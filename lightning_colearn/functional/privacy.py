@@ -38,7 +38,7 @@ Significance of the Least Significant Bits for Differential Privacy"): these
 functions are for research and simulation, where the cohort's clients live in
 one process.
 
-Example:
+Examples:
     >>> import torch
     >>> updates = [[torch.tensor([3.0, 4.0])], [torch.tensor([0.375, 0.5])]]   # norms 5 and 0.625
     >>> clipped = [clip_update(u, 1.0) for u in updates]
@@ -146,7 +146,7 @@ def _noise(shape: torch.Size, std: float, device: torch.device, generator: torch
 def update_norm(update: Sequence[Tensor]) -> float:
     """The L2 norm of a client's update, over all its tensors together (as one flat vector), in float64.
 
-    Example:
+    Examples:
         >>> import torch
         >>> update_norm([torch.tensor([3.0]), torch.tensor([[4.0]])])
         5.0
@@ -171,7 +171,7 @@ def clip_update(update: Sequence[Tensor], clip_norm: float) -> tuple[list[Tensor
     A non-finite update (a diverged client) has no direction to keep and is
     refused with a ``ValueError``: drop that client from the round.
 
-    Example:
+    Examples:
         >>> import torch
         >>> clipped, was_clipped, norm = clip_update([torch.tensor([3.0, 0.0]), torch.tensor([4.0])], 1.0)
         >>> clipped, was_clipped, norm
@@ -237,7 +237,7 @@ def dp_mean(
 
     Returns new tensors with the dtype and device of the first update's.
 
-    Example:
+    Examples:
         >>> import torch
         >>> updates = [[torch.tensor([0.6, 0.8])], [torch.tensor([0.0, 0.5])]]
         >>> g = torch.Generator().manual_seed(0)
@@ -325,7 +325,7 @@ def noised_fraction(
     ``[0, 1]``: it is an unbiased, noised estimate, to be fed as it is to
     :func:`adaptive_clip_norm`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> b = noised_fraction(3, reported_clients=4, expected_clients=4, count_noise_multiplier=0.2,
         ...                     generator=torch.Generator().manual_seed(0))
@@ -359,7 +359,7 @@ def adaptive_clip_norm(clip_norm: float, unclipped_fraction: float, *, target_qu
     ``gamma``-quantile of the update norms, so ``C`` tracks that quantile. No
     privacy is spent here: the update is post-processing of ``b~``.
 
-    Example:
+    Examples:
         >>> c = adaptive_clip_norm(1.0, 0.3, target_quantile=0.5, learning_rate=0.2)   # too few fit: C grows
         >>> c == math.exp(0.2 * 0.2), c > 1.0
         (True, True)
@@ -396,7 +396,7 @@ def split_noise_multiplier(noise_multiplier: float, count_noise_multiplier: floa
     takes and the more noise the update needs. The accountant is then fed
     ``sigma`` (not ``sigma_Delta``) for the round.
 
-    Example:
+    Examples:
         >>> round(split_noise_multiplier(1.0, 5.0), 6)   # the count takes 1% of the budget: 0.5% more update noise
         1.005038
         >>> split_noise_multiplier(1.0, 0.5)

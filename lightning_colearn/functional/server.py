@@ -30,7 +30,7 @@ and a float16 or bfloat16 model is rounded once per tensor and step instead
 of after every operation (the square of a ``1e-4`` pseudo-gradient is 0 in
 float16 arithmetic, not in float64).
 
-Example:
+Examples:
     >>> import torch
     >>> x = [torch.tensor([1.0, 1.0])]                        # the global model
     >>> g = pseudo_gradient(x, [torch.tensor([0.5, 2.0])])    # x - aggregate
@@ -140,7 +140,7 @@ def pseudo_gradient(global_params: Sequence[Tensor], aggregate: Sequence[Tensor]
     aggregate is cast to that dtype and one subtraction is correctly rounded
     in any dtype, so no float64 is needed.
 
-    Example:
+    Examples:
         >>> import torch
         >>> pseudo_gradient([torch.tensor([1.0, 2.0])], [torch.tensor([0.5, 3.0])])
         [tensor([ 0.5000, -1.0000])]
@@ -204,10 +204,11 @@ def fedadam_step_(
         exp_avgs: the first moments ``m``.
         exp_avg_sqs: the second moments ``v``.
         lr: the server learning rate ``eta > 0``.
-        beta1, beta2: decay rates in ``[0, 1)``.
+        beta1: the first moment's decay rate, in ``[0, 1)``.
+        beta2: the second moment's decay rate, in ``[0, 1)``.
         tau: the adaptivity ``tau > 0``: the smaller, the more adaptive.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x, g = [torch.tensor([0.0])], [torch.tensor([0.2])]
         >>> m, v = [torch.zeros(1)], [torch.full((1,), 1e-6)]
@@ -249,7 +250,7 @@ def fedyogi_step_(
     start ``m`` at 0 and ``v`` at ``tau**2``. Float64 arithmetic, written
     back in each tensor's dtype.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x, g = [torch.tensor([0.0])], [torch.tensor([0.2])]
         >>> m, v = [torch.zeros(1)], [torch.full((1,), 1e-6)]
@@ -287,7 +288,7 @@ def fedadagrad_step_(
     paper has none); start ``m`` at 0 and ``v`` at ``tau**2``. Float64
     arithmetic, written back in each tensor's dtype.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x, g = [torch.tensor([0.0])], [torch.tensor([3.0])]
         >>> m, v = [torch.zeros(1)], [torch.zeros(1)]
@@ -315,7 +316,7 @@ def is_identity_server(optimizer: torch.optim.Optimizer) -> bool:
     ``x - (x - aggregate)`` is not always ``aggregate`` (``x - aggregate``
     is rounded first, see the example).
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = torch.nn.Parameter(torch.tensor([1.0]))
         >>> is_identity_server(torch.optim.SGD([w], lr=1.0)), is_identity_server(torch.optim.SGD([w], lr=1.0, momentum=0.9))
@@ -350,7 +351,7 @@ def scaffold_correction(c: Sequence[Tensor], c_i: Sequence[Tensor]) -> list[Tens
     the client's drift toward its local optimum. One new tensor per
     parameter, in the dtype of ``c``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> scaffold_correction([torch.tensor([1.0, 0.0])], [torch.tensor([0.5, 2.0])])
         [tensor([ 0.5000, -2.0000])]
@@ -396,7 +397,7 @@ def scaffold_client_variate(
         option: ``"I"`` or ``"II"``.
         grad_at_x: the client's gradient at ``x``, for option ``"I"`` only.
 
-    Example:
+    Examples:
         >>> import torch
         >>> zeros = [torch.zeros(2)]
         >>> scaffold_client_variate(zeros, zeros, [torch.tensor([1.0, 1.0])], [torch.tensor([0.8, 1.1])], steps=2, lr=0.1)
@@ -445,7 +446,7 @@ def scaffold_server_variate(
     of every client's ``c_i``, sampled or not. Float64 arithmetic; the
     result has the dtypes of ``c``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> scaffold_server_variate([torch.zeros(2)], [[torch.tensor([1.0, 1.0])], [torch.tensor([3.0, -1.0])]], num_clients=4)
         [tensor([1., 0.])]
@@ -504,7 +505,7 @@ def scaffold_server_update(
         global_lr: ``eta_g > 0``; 1 in most of the paper's experiments.
         weights: one weight per sampled client for the model step, or None.
 
-    Example:
+    Examples:
         >>> import torch
         >>> x, c = [torch.zeros(2)], [torch.zeros(2)]
         >>> ys = [[torch.tensor([1.0, 0.0])], [torch.tensor([3.0, 2.0])]]

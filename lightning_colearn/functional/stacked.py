@@ -14,7 +14,7 @@ unchanged on all members at once. Two foldings:
 steps take lists of stacked parameters, gradients and states and give each
 member exactly the update its own ``torch.optim`` optimizer would.
 
-Example:
+Examples:
     >>> import torch
     >>> w, b = torch.randn(3, 2, 4), torch.randn(3, 2)      # 3 members of nn.Linear(4, 2)
     >>> x = torch.randn(5 * 3, 4)                          # 5 samples per member, folded sample-major
@@ -112,7 +112,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, dila
     groups: member ``i``'s output channels see only member ``i``'s input.
     The output is contiguous whatever :data:`CHANNELS_LAST` says.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w, b = torch.randn(3, 4, 2, 3, 3), torch.randn(3, 4)   # 3 members of nn.Conv2d(2, 4, 3)
         >>> x = torch.randn(5 * 3, 2, 8, 8)                         # 5 images per member, sample-major
@@ -167,7 +167,7 @@ def clip_grad_norms_(grads: Sequence[Tensor], max_norm: float) -> Tensor:
     (coefficient ``max_norm / (norm + 1e-6)`` clamped to 1), never one norm
     across members.
 
-    Example:
+    Examples:
         >>> g = [torch.tensor([[3.0, 4.0], [0.3, 0.4]])]   # member norms 5 and 0.5
         >>> clip_grad_norms_(g, 1.0).tolist(); g[0]
         [5.0, 0.5]

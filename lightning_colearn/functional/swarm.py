@@ -7,7 +7,7 @@ particles are drawn, sorted by fitness, and each non-best one becomes
 functions hold that logic without Lightning; the callback
 :class:`~lightning_colearn.callbacks.ParticleSwarm` applies it to a cohort.
 
-Example:
+Examples:
     >>> import torch
     >>> g = torch.Generator().manual_seed(0)
     >>> chosen = select_particles(12, 6, g)

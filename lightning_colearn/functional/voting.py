@@ -6,7 +6,7 @@ accepted when ``yes >= threshold * voters``, evaluated as ``yes / voters >=
 threshold`` so that e.g. 3 of 5 at threshold 0.6 is exactly at the threshold
 (``0.6 * 5`` is ``3.0000000000000004`` in floating point).
 
-Example:
+Examples:
     >>> import torch
     >>> votes = cast_votes(torch.tensor([0.9, 0.5, 0.8]), torch.tensor([0.8, 0.6, 0.8]), maximize=True)
     >>> votes.tolist()
@@ -44,7 +44,7 @@ def is_accepted(yes: int, voters: int, threshold: float) -> bool:
 def best_voted(yes: Sequence[int], mean_scores: Sequence[float], maximize: bool) -> int:
     """Index of the proposal with most yes votes; ties go to the better mean vote score, then the lower index.
 
-    Example:
+    Examples:
         >>> best_voted([2, 3, 3], [0.9, 0.7, 0.8], maximize=True)
         2
     """

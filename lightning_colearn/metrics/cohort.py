@@ -1,6 +1,6 @@
 """Per-member copies of a torchmetrics ``Metric``, computed together.
 
-Example:
+Examples:
     >>> import torch
     >>> from torchmetrics.classification import MulticlassAccuracy
     >>> acc = CohortMetric(MulticlassAccuracy(num_classes=3, average="micro"), size=2)

@@ -14,7 +14,7 @@ several batches at once (up to :data:`UPDATE_ELEMENTS` held-back outputs), as
 the value of a torchmetrics metric does not depend on how its samples were
 split into updates.
 
-Example:
+Examples:
     >>> import torch
     >>> from torchmetrics.classification import MulticlassAccuracy
     >>> _ = torch.manual_seed(0)
@@ -61,7 +61,7 @@ UPDATE_ELEMENTS = 1 << 22
 def chunk_size(model: nn.Module) -> int:
     """Samples per scoring forward pass for ``model``: :data:`CHUNK` if it has a convolution, else :data:`DENSE_CHUNK`.
 
-    Example:
+    Examples:
         >>> from lightning_colearn.models import MLP, ConvNet
         >>> chunk_size(MLP()), chunk_size(ConvNet())
         (2048, 256)
@@ -236,7 +236,7 @@ def score_models(
 ) -> list[float]:
     """``metric`` of each of ``models`` on the same ``batches``, read once (consensus over candidates).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from torchmetrics.classification import MulticlassAccuracy
         >>> models = [torch.nn.Linear(4, 3) for _ in range(2)]
