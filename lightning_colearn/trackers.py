@@ -22,6 +22,7 @@ Examples:
     >>> trainer = L.Trainer(logger=CSVLogger(d, name="", version=""), default_root_dir=d)
     >>> trackers.run_dir(trainer) == d   # where the run's own files go (the CSV logger's directory)
     True
+    >>> _ = (d / "results.json").write_text("{}")
     >>> trackers.log_artifact(trainer.loggers, d / "results.json")   # a CSV logger takes no files: nothing to do
 """
 

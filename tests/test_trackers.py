@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,8 @@ def wandb_records(path: Path):
     from wandb.proto import wandb_internal_pb2
 
     data, block, pos, parts = path.read_bytes(), 32768, 7, b""
+    if len(data) < 7:  # (not written yet)
+        return
     assert data[:4] == b":W&B", data[:7]
     while pos + 7 <= len(data):
         left = block - pos % block
@@ -84,6 +87,8 @@ def wandb_records(path: Path):
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        if pos + 7 + length > len(data):  # a record still being written: the file so far
+            return
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind == 0:
             continue
@@ -94,9 +99,17 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_run(run_dir: Path) -> dict:
-    """What an offline W&B run holds: its name and group, config keys, history keys, files."""
+def wandb_run(run_dir: Path, timeout: float = 60.0) -> dict:
+    """What an offline W&B run holds: its name and group, config keys, history keys, files.
+
+    W&B's service process writes the run file on its own schedule: ``finish()`` can return before the
+    file holds the run's records. The run is read once the file ends with the run's exit record.
+    """
     (file,) = run_dir.glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(file)):
+        assert time.monotonic() < deadline, f"{file} has no exit record after {timeout} s"
+        time.sleep(0.1)
     found = {"config": set(), "history": set(), "files": set(), "name": None, "group": None}
     for record in wandb_records(file):
         kind = record.WhichOneof("record_type")
