@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -262,9 +263,16 @@ def _tracking_value(key: str, _root_: Any = None) -> Any:
         return str(Path(str(hydra_cfg.sweep.dir)).resolve()) if multirun else str(output_dir)
     if key == "run_name":
         overrides = str(hydra_cfg.job.override_dirname) if hydra_cfg is not None else ""
-        return overrides.replace(os.sep, "_").replace("/", "_") or output_dir.name
+        name = overrides.replace(os.sep, "_").replace("/", "_") or output_dir.name
+        if len(name.encode()) > RUN_NAME_BYTES:  # a directory name (TensorBoard's) may hold 255 bytes
+            digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+            name = name.encode()[:RUN_NAME_BYTES - 11].decode(errors="ignore") + "~" + digest
+        return name
     raise ConfigError(f"${{colearn:{key}}}: unknown key {key!r}; allowed: run_name, sweep, experiment, dir")
 
+
+#: Longest run name kept whole; a longer one keeps its start and gets a hash of the whole (file systems allow 255 bytes).
+RUN_NAME_BYTES = 120
 
 OmegaConf.register_new_resolver("colearn", _tracking_value, replace=True)
 
@@ -355,7 +363,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if rank_zero_only.rank == 0:  # under strategy=ddp every process runs this function
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         _describe_partition(datamodule, out, cfg.get("plots", True))
-        trackers.log_config(loggers, OmegaConf.to_container(cfg, resolve=True))  # the resolved config as hyperparameters
+        # the resolved config as hyperparameters, here (before ddp_spawn's processes start, so MLflow and W&B create
+        # their run once and every process logs into it); not the CSV logger's: its writer, made here, would go to
+        # ddp_spawn's test processes without the metrics file's columns and fail to append (hparams.yaml comes anyway)
+        trackers.log_config([lg for lg in loggers if trackers.tracker_kind(lg) != "csv"], OmegaConf.to_container(cfg, resolve=True))
 
     _check_checkpoint(cfg.get("ckpt_path"), out)
     results: dict[str, float] = {}

@@ -46,7 +46,7 @@ def cli_runs(tmp_path_factory):
     for strategy in ("ddp_spawn", "ddp"):
         out = tmp_path_factory.mktemp(f"cli_{strategy}")
         logs.append((out / "colearn.log").open("w"))
-        args = [*CLI_SWARM, f"trainer.strategy={strategy}", f"hydra.run.dir={out / 'run'}"]
+        args = [*CLI_SWARM, f"trainer.strategy={strategy}", f"hydra.run.dir={out / 'run'}", "logger=[csv,tensorboard,mlflow]"]
         runs[strategy] = out, subprocess.Popen([str(Path(sys.executable).with_name("colearn")), *args], cwd=out, env=env,
                                                stdout=logs[-1], stderr=subprocess.STDOUT)
     yield runs
@@ -193,6 +193,16 @@ def test_cli_ddp_spawn_runs_the_swarm_on_two_processes(cli_runs, two_processes):
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert checkpoint["global_step"] == 8
     assert all(s["state"] for s in checkpoint["optimizer_states"][0]["members"])  # members of both ranks
+    # the trackers: one MLflow run for the main process and both spawns (fit, test), with metrics and files
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run.resolve()}/mlflow.db")
+    (mlflow_run,) = client.search_runs([client.get_experiment_by_name("colearn").experiment_id])
+    assert {"val_acc/mean", "val_loss/member_1"} <= set(mlflow_run.data.metrics)  # (member 1: rank 1's)
+    (tb,) = (run / "tensorboard").iterdir()  # named by the overrides, too many for one directory name: cut, hashed
+    assert len(tb.name.encode()) <= 120 and tb.name.startswith("++trainer.limit_train_batches=4,") and "~" in tb.name
+    assert "results.json" in {a.path for a in client.list_artifacts(mlflow_run.info.run_id)}
+    assert "val_acc/mean" in (logs[0] / "metrics.csv").read_text().splitlines()[0]
 
 
 def test_config_refuses_more_processes_than_members():
