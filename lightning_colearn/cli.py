@@ -360,13 +360,14 @@ def _train(cfg: DictConfig) -> dict[str, float]:
             _ = logger.version  # fixed here: ddp_spawn's processes then log fit and test into this one directory
     trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
                                       default_root_dir=str(out))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     if rank_zero_only.rank == 0:  # under strategy=ddp every process runs this function
         OmegaConf.save(cfg, out / "config.yaml", resolve=True)
         _describe_partition(datamodule, out, cfg.get("plots", True))
         # the resolved config as hyperparameters, here (before ddp_spawn's processes start, so MLflow and W&B create
         # their run once and every process logs into it); not the CSV logger's: its writer, made here, would go to
         # ddp_spawn's test processes without the metrics file's columns and fail to append (hparams.yaml comes anyway)
-        trackers.log_config([lg for lg in loggers if trackers.tracker_kind(lg) != "csv"], OmegaConf.to_container(cfg, resolve=True))
+        trackers.log_config([lg for lg in loggers if trackers.tracker_kind(lg) != "csv"], resolved)
 
     _check_checkpoint(cfg.get("ckpt_path"), out)
     results: dict[str, float] = {}
@@ -382,9 +383,10 @@ def _train(cfg: DictConfig) -> dict[str, float]:
     if not trainer.is_global_zero:
         return results
     (out / "results.json").write_text(json.dumps(results, indent=2, sort_keys=True))
-    plots = _plots(cfg, trainer, module, datamodule, out) if cfg.get("plots", True) else []
-    _send_files(cfg, trainer, out)
-    trackers.log_results(loggers, OmegaConf.to_container(cfg, resolve=True), results)
+    run_dir = trackers.run_dir(trainer, broadcast=False)  # (rank 0 alone now: the processes have parted)
+    plots = _plots(trainer, module, datamodule, out, run_dir) if cfg.get("plots", True) else []
+    _send_files(cfg, trainer, out, run_dir)
+    trackers.log_results(loggers, resolved, results)
     trackers.finish(loggers)
     _report(out, results, plots, _metrics_csv(trainer))
     return results
@@ -421,12 +423,11 @@ class OutputDirCheck(HydraCallback):
             sys.exit(2)
 
 
-def _send_files(cfg: DictConfig, trainer: L.Trainer, out: Path) -> None:
+def _send_files(cfg: DictConfig, trainer: L.Trainer, out: Path, run_dir: Path | None) -> None:
     """The run's files to the trackers that keep files: results, config, partition, the callbacks' CSVs, the ledger."""
     if not trainer.loggers:
         return
     files = [out / name for name in ("results.json", "config.yaml", "partition.csv")]
-    run_dir = trackers.run_dir(trainer, broadcast=False)
     if run_dir is not None:
         files += sorted(p for p in run_dir.glob("*.csv") if p.name != "metrics.csv")  # swarm moves, rounds, votes, lineage
     ledger = OmegaConf.select(cfg, "algorithm.ledger", default=None)
@@ -437,7 +438,7 @@ def _send_files(cfg: DictConfig, trainer: L.Trainer, out: Path) -> None:
             trackers.log_artifact(trainer.loggers, path)
 
 
-def _plots(cfg: DictConfig, trainer: L.Trainer, module, datamodule, out: Path) -> list[Path]:
+def _plots(trainer: L.Trainer, module, datamodule, out: Path, run_dir: Path | None) -> list[Path]:
     from lightning_colearn import plots  # matplotlib only when plots are asked for
 
     made = []
@@ -455,7 +456,6 @@ def _plots(cfg: DictConfig, trainer: L.Trainer, module, datamodule, out: Path) -
         made.append(out / "plots" / "label_distribution.png")
     for path in made:  # (the callbacks' own figures reached the trackers when fitting ended)
         trackers.log_figure(trainer, path.stem, path)
-    run_dir = trackers.run_dir(trainer, broadcast=False)
     if run_dir is not None:  # plots the algorithm's callbacks saved in the run's directory (e.g. swarm.png)
         made.extend(sorted(run_dir.glob("*.png")))
     return made

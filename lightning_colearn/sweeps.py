@@ -28,7 +28,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from lightning_colearn.cli import notices
+from lightning_colearn.cli import _logger_nodes, notices
 
 __all__ = ["SweepSummary", "summarise"]
 
@@ -69,10 +69,8 @@ def summarise(sweep_dir: str | Path, metric: str, direction: str = "maximize") -
 
 
 def _logger_kinds(config: DictConfig) -> dict[str, DictConfig]:
-    node = config.get("logger") or {}
-    nodes = {"logger": node} if "_target_" in node else dict(node.items())
     kinds = {}
-    for node in nodes.values():
+    for node in _logger_nodes(config).values():
         target = str(node.get("_target_", "")).lower()  # MLFlowLogger, TensorBoardLogger, WandbLogger or trackers.wandb_logger
         for kind in ("mlflow", "tensorboard", "wandb"):
             if kind in target:

@@ -39,12 +39,18 @@ from lightning_colearn.metrics.cohort import higher_is_better
 from lightning_colearn.metrics.scoring import score
 from lightning_colearn.module import CohortModule
 
-__all__ = ["ClientRounds", "is_last_batch", "own_pass_steps"]
+__all__ = ["ClientRounds", "is_last_batch", "own_pass_steps", "resumed_mid_epoch"]
 
 
 def is_last_batch(trainer: L.Trainer, batch_idx: int) -> bool:
     """True in ``on_train_batch_end`` of the epoch's last batch (``limit_train_batches`` counted), before validation runs."""
     return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
+
+
+def resumed_mid_epoch(trainer: L.Trainer) -> bool:
+    """True in ``on_train_start`` of a run resumed from a checkpoint taken inside an epoch: Lightning then does
+    not call ``on_train_epoch_start`` again, so what that hook sets up must come from the checkpoint."""
+    return bool(getattr(trainer.fit_loop, "restarted_mid_epoch", False))
 
 
 def own_pass_steps(trainer: L.Trainer, member: int) -> float:
@@ -202,9 +208,8 @@ class ClientRounds(PicklableGenerator, Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         remaining, self._resume_remaining = self._resume_remaining, None
-        if remaining is not None and self._clients is not None and getattr(trainer.fit_loop, "restarted_mid_epoch", False):
-            # resumed inside an epoch: Lightning does not call on_train_epoch_start again, so the epoch's
-            # client steps left and the active clients come from the checkpoint
+        if remaining is not None and self._clients is not None and resumed_mid_epoch(trainer):
+            # the epoch's client steps left and the active clients come from the checkpoint
             self.resume_mid_epoch(trainer, pl_module)
             self._remaining = remaining
             self._round_start = time.perf_counter()

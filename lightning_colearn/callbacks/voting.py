@@ -60,7 +60,7 @@ from lightning_colearn._seeded import PicklableGenerator
 from lightning_colearn._checks import is_int_at_least
 from lightning_colearn import trackers
 from lightning_colearn._io import write_csv
-from lightning_colearn.callbacks.rounds import is_last_batch, own_pass_steps
+from lightning_colearn.callbacks.rounds import is_last_batch, own_pass_steps, resumed_mid_epoch
 from lightning_colearn.functional import arithmetic as FA
 from lightning_colearn.functional.voting import best_voted, cast_votes, is_accepted
 from lightning_colearn.metrics.cohort import higher_is_better
@@ -446,8 +446,7 @@ class CollectiveVoting(PicklableGenerator, Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: CohortModule) -> None:
         resume, self._resume_round = getattr(self, "_resume_round", None), None
-        if resume is not None and getattr(trainer.fit_loop, "restarted_mid_epoch", False):
-            # resumed inside a round: Lightning does not call on_train_epoch_start again
+        if resume is not None and resumed_mid_epoch(trainer):  # inside a round: its state from the checkpoint
             self._proposers, self._remaining = resume["proposers"], resume["remaining"]
             self._snapshots = {p: (v["model"], v["optimizer"]) for p, v in resume["snapshots"].items()}
             self._initial_seconds, self._in_round = resume["initial_seconds"], True
